@@ -1,0 +1,33 @@
+"""xsam_jax: sharpness-aware training with Hessian-eigenvector control, as optax transforms.
+
+Every method is an ``optax.GradientTransformationExtraArgs`` that sits first in an
+``optax.chain``: it receives the clean gradient as ``updates`` and a ``grad_fn`` (the gradient
+of the same minibatch loss at other parameters) as an extra argument, and hands a sharpness-aware
+gradient to the optimizer after it.
+
+* :func:`sam` -- SAM, and ASAM with ``adaptive=True``.
+* :func:`eigen_sam` -- Eigen-SAM: perturbation tilted towards the top Hessian eigenvector.
+* :func:`xsam` -- X-SAM: perturbed gradient corrected along the top Hessian eigenvector.
+* :func:`refresh_eigenvector` -- refresh the cached eigenvector outside the training step.
+* :mod:`xsam_jax.hessian` -- HVPs, power iteration, Lanczos, trace and spectral density.
+"""
+
+from xsam_jax import hessian
+from xsam_jax._eigen_sam import EigenSAMState, eigen_sam
+from xsam_jax._eigvec import is_due, refresh_eigenvector
+from xsam_jax._sam import SAMState, sam
+from xsam_jax._xsam import XSAMState, xsam
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "EigenSAMState",
+  "SAMState",
+  "XSAMState",
+  "eigen_sam",
+  "hessian",
+  "is_due",
+  "refresh_eigenvector",
+  "sam",
+  "xsam",
+]

@@ -1,0 +1,142 @@
+"""Shared pieces of every sharpness method: float32 reductions, normalisation, the ascent
+point, projections onto an eigenvector, hyperparameter reading and argument checks.
+
+Each concept lives here exactly once; ``_sam.py``, ``_eigen_sam.py``, ``_xsam.py`` and
+``hessian.py`` compose them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+PyTree = Any
+ScalarOrSchedule = float | Array | Callable[[Array], Array]
+
+DEFAULT_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Reductions, always accumulated in float32 (bf16 params included).
+
+
+def tree_to_f32(tree: PyTree) -> PyTree:
+  """Casts every leaf to at least float32 (float64 stays float64)."""
+  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> Array:
+  """Global inner product ``<a, b>`` over all leaves, accumulated in float32."""
+  return optax.tree.vdot(tree_to_f32(a), tree_to_f32(b))
+
+
+def tree_norm(a: PyTree) -> Array:
+  """Global L2 norm over all leaves, accumulated in float32."""
+  return optax.tree.norm(tree_to_f32(a))
+
+
+def tree_cast_like(tree: PyTree, like: PyTree) -> PyTree:
+  """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def normalize(tree: PyTree, eps: float = DEFAULT_EPS) -> tuple[PyTree, Array]:
+  """Returns ``(tree / (||tree|| + eps), ||tree||)`` in float32; zero stays zero, never NaN."""
+  tree = tree_to_f32(tree)
+  norm = optax.tree.norm(tree)
+  return optax.tree.scale(1.0 / (norm + eps), tree), norm
+
+
+def pmean_if(tree: PyTree, axis_name: str | None) -> PyTree:
+  """``lax.pmean`` over ``axis_name`` when one is given, identity otherwise."""
+  if axis_name is None:
+    return tree
+  return jax.lax.pmean(tree, axis_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry of one step.
+
+
+def ascent_point(params: PyTree, perturbation: PyTree) -> PyTree:
+  """``w + epsilon``, computed in float32 and cast back to the dtype of each parameter."""
+  return jax.tree.map(
+    lambda w, e: (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + e).astype(w.dtype),
+    params,
+    perturbation,
+  )
+
+
+def project_out(tree: PyTree, direction: PyTree, alpha: Array | float) -> tuple[PyTree, Array]:
+  """Removes ``alpha`` times the component of ``tree`` along the unit vector ``direction``.
+
+  Returns ``(tree - alpha * <tree, d> d, <tree, d>)``, both in float32. The result is
+  invariant under ``d -> -d``.
+  """
+  coef = tree_vdot(tree, direction)
+  return optax.tree.add_scale(tree_to_f32(tree), -alpha * coef, tree_to_f32(direction)), coef
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameters and checks.
+
+
+def read_hyperparam(value: ScalarOrSchedule, count: Array) -> Array:
+  """Value of a float-or-schedule hyperparameter at step ``count`` (float32 scalar)."""
+  if callable(value):
+    value = value(count)
+  return jnp.asarray(value, dtype=jnp.float32)
+
+
+def _concrete_float(value: Any) -> float | None:
+  """The Python float behind ``value``, or None for schedules and traced arrays."""
+  if callable(value):
+    return None
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+
+
+def check_range(
+  name: str, value: Any, low: float, high: float = float("inf"), hint: str = ""
+) -> None:
+  """Raises ``ValueError`` if a concrete ``value`` lies outside ``[low, high]``.
+
+  Schedules and traced values (e.g. under ``optax.inject_hyperparams``) are not checked here.
+  """
+  x = _concrete_float(value)
+  if x is None:
+    return
+  if not (low <= x <= high):  # also catches NaN
+    bounds = f"[{low}, {high}]" if high != float("inf") else f">= {low}"
+    raise ValueError(f"`{name}` must be {bounds}, got {value!r}.{(' ' + hint) if hint else ''}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is a Python int >= 1."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(
+      f"`{name}` must be a Python int >= 1, got {value!r}. It fixes the compiled program's "
+      f"structure; with optax.inject_hyperparams pass static_args=('{name}',)."
+    )
+
+
+def check_update_args(method: str, params: PyTree | None, grad_fn: Callable | None) -> None:
+  """Raises a ``ValueError`` naming the fix when ``params`` or ``grad_fn`` is missing."""
+  if params is None:
+    raise ValueError(
+      f"{method}: `params` is required. Call `tx.update(grads, state, params, "
+      "grad_fn=...)`; with nnx.Optimizer or a TrainState they are passed for you."
+    )
+  if grad_fn is None or not callable(grad_fn):
+    raise ValueError(
+      f"{method}: `grad_fn` is required as a keyword argument: a function `params -> grads` of "
+      "the same minibatch loss, e.g. `grad_fn=lambda p: jax.grad(loss)(p, batch)`. "
+      f"Got {grad_fn!r}."
+    )

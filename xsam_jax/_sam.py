@@ -1,0 +1,167 @@
+"""SAM and ASAM as the first link of an ``optax.chain``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from xsam_jax._perturbation import (
+  DEFAULT_EPS,
+  ScalarOrSchedule,
+  ascent_point,
+  check_range,
+  check_update_args,
+  normalize,
+  pmean_if,
+  read_hyperparam,
+  tree_cast_like,
+  tree_norm,
+  tree_to_f32,
+)
+
+PyTree = Any
+
+
+class SAMState(NamedTuple):
+  """State of :func:`sam`.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar); schedules read it.
+    grad_norm: global L2 norm of the clean gradient at the last step (float32).
+    perturbation_norm: global L2 norm of the ascent step ``epsilon`` at the last step
+      (``rho`` for SAM; for ASAM the Euclidean length of the adaptive step).
+  """
+
+  count: chex.Array
+  grad_norm: chex.Array
+  perturbation_norm: chex.Array
+
+
+def sam_perturbation(
+  grads: PyTree,
+  params: PyTree,
+  rho: jax.Array,
+  *,
+  adaptive: bool,
+  eta: float,
+  adaptive_mask: PyTree | None,
+  eps: float,
+) -> tuple[PyTree, jax.Array]:
+  r"""The ascent step of SAM (``adaptive=False``) or ASAM (``adaptive=True``), in float32.
+
+  SAM: :math:`\epsilon = \rho\, g/(\|g\|+\mathrm{eps})`.
+  ASAM: :math:`\epsilon = \rho\, T^2 g/(\|T g\|+\mathrm{eps})`, :math:`T = |w| + \eta` on the
+  leaves selected by ``adaptive_mask`` (all by default) and :math:`T = 1` elsewhere.
+
+  Returns ``(epsilon, ||g||)``.
+  """
+  g = tree_to_f32(grads)
+  grad_norm = optax.tree.norm(g)
+  if not adaptive:
+    unit, _ = normalize(g, eps)
+    return optax.tree.scale(rho, unit), grad_norm
+  w = tree_to_f32(params)
+  mask = adaptive_mask if adaptive_mask is not None else jax.tree.map(lambda _: True, w)
+  scale = jax.tree.map(lambda wi, m: jnp.where(m, jnp.abs(wi) + eta, 1.0), w, mask)
+  tg = optax.tree.mul(scale, g)
+  t2g = optax.tree.mul(scale, tg)
+  return optax.tree.scale(rho / (optax.tree.norm(tg) + eps), t2g), grad_norm
+
+
+def sam(
+  rho: ScalarOrSchedule = 0.05,
+  *,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+  eps: float = DEFAULT_EPS,
+  axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sharpness-Aware Minimization (and ASAM with ``adaptive=True``) as a gradient producer.
+
+  Given the clean minibatch gradient :math:`g = \nabla L_B(w)` as ``updates``, it returns the
+  gradient at the ascent point, to be consumed by the optimizer chained after it:
+
+  .. math::
+     \epsilon = \rho\,\frac{g}{\|g\| + \mathrm{eps}}, \qquad
+     g^{\mathrm{SAM}} = \nabla L_B(w + \epsilon).
+
+  ASAM (``adaptive=True``) rescales the neighbourhood per weight,
+  :math:`\epsilon = \rho\,T^2 g / \|T g\|` with :math:`T = \mathrm{diag}(|w| + \eta)`.
+
+  Place it first in an ``optax.chain``; pass ``grad_fn`` (the gradient of the *same*
+  minibatch loss at other parameters) to ``update``. Norms are global over the whole pytree and
+  accumulated in float32; the result keeps the dtype of ``params``. Within
+  ``shard_map``/``pmap`` with ``axis_name``, each device ascends along its *own* gradient
+  (m-sharpness, as in the SAM paper) and the returned gradient is ``pmean``-ed.
+
+  Args:
+    rho: neighbourhood radius :math:`\rho \ge 0`, a float or a schedule ``count -> rho``.
+      0.05 is the SAM paper's default; ASAM typically uses 0.5-1.0.
+    adaptive: use ASAM's scale-invariant neighbourhood.
+    eta: ASAM's offset :math:`\eta \ge 0` in :math:`T = |w| + \eta` (official class default 0.01).
+    adaptive_mask: ASAM only: a pytree of bools shaped like ``params`` (or a function
+      ``params -> mask``); leaves marked False use :math:`T = 1` (the official ASAM code applies
+      :math:`T` only to weights, not biases). Default: every leaf.
+    eps: added to every norm before division.
+    axis_name: the mapped axis name inside ``shard_map``/``pmap``, or None under plain ``jit``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``;
+    ``update(updates, state, params, *, grad_fn, **extra)``.
+
+  Raises:
+    ValueError: for ``rho < 0``, ``eta < 0``, or when ``params`` or ``grad_fn`` is missing.
+
+  References:
+    Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021, arXiv:2010.01412.
+    Kwon, Kim, Park & Choi, "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+    Learning of Deep Neural Networks", ICML 2021, arXiv:2102.11600.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, xsam_jax
+    >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
+    >>> tx = optax.chain(xsam_jax.sam(rho=0.05), optax.sgd(0.1))
+    >>> params = jnp.zeros(3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            grad_fn=jax.grad(loss))
+    >>> params = optax.apply_updates(params, updates)
+  """
+  check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
+  check_range("eta", eta, 0.0)
+  method = "xsam_jax.asam" if adaptive else "xsam_jax.sam"
+
+  def init_fn(params: PyTree) -> SAMState:
+    del params
+    zero = jnp.zeros((), jnp.float32)
+    return SAMState(count=jnp.zeros((), jnp.int32), grad_norm=zero, perturbation_norm=zero)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    del extra_args
+    check_update_args(method, params, grad_fn)
+    mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
+    perturbation, grad_norm = sam_perturbation(
+      updates,
+      params,
+      read_hyperparam(rho, state.count),
+      adaptive=adaptive,
+      eta=eta,
+      adaptive_mask=mask,
+      eps=eps,
+    )
+    adv_grads = pmean_if(grad_fn(ascent_point(params, perturbation)), axis_name)
+    new_state = SAMState(
+      count=optax.safe_increment(state.count),
+      grad_norm=grad_norm,
+      perturbation_norm=tree_norm(perturbation),
+    )
+    return tree_cast_like(adv_grads, params), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
