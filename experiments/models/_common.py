@@ -1,0 +1,50 @@
+"""Pieces shared by the model zoo: initialisers and the BatchNorm the papers' code uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's default for `nn.Conv2d` and `nn.Linear` weights: kaiming_uniform(a=sqrt(5)), that is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1/(3 fan_in). The reference models (kuangliu
+# ResNets, the CIFAR AlexNet) rely on it, so the ports start from the same distribution.
+# Biases start at zero here (PyTorch draws them from the same interval; with BN it is moot).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# Kaiming normal, fan_out, as `WideResNet-pytorch` initialises its convolutions.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
+
+  Args:
+    train: use batch statistics and update the running ones when True.
+    dtype: computation dtype; parameters and running statistics stay float32.
+    name: optional submodule name.
+
+  Returns:
+    An ``nn.BatchNorm`` to call on an NHWC or NC array.
+  """
+  return nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+  )
+
+
+def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Symmetric padding of ``kernel_size // 2`` per side, as PyTorch's ``padding=k//2``.
+
+  Flax's ``'SAME'`` pads asymmetrically for stride 2 (0 before, 1 after on 32x32), which shifts the
+  sampling grid by one pixel relative to the PyTorch references; explicit padding does not.
+  """
+  p = kernel_size // 2
+  return ((p, p), (p, p))
+
+
+def logits(x: jnp.ndarray) -> jnp.ndarray:
+  """Return the head output in float32 whatever the computation dtype, for a stable loss."""
+  return jnp.asarray(x, jnp.float32)

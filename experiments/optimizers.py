@@ -1,0 +1,95 @@
+"""Builds the optax chain of a run from its config: [sharpness method] -> base optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import optax
+
+import xsam_jax
+from experiments.configs.base import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """The transform of a run and what its training step must feed it.
+
+  Attributes:
+    tx: the full optax chain.
+    needs_grad_fn: the first link is a sharpness method (pass ``grad_fn``).
+    tracks_eigvec: the first link caches a Hessian eigenvector (pass ``eig_grad_fn`` and,
+      on the static path, ``refresh``).
+    refresh_every: the eigenvector refresh period (for the host-side static path).
+  """
+
+  tx: optax.GradientTransformationExtraArgs
+  needs_grad_fn: bool
+  tracks_eigvec: bool
+  refresh_every: int
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """The learning-rate schedule over steps.
+
+  ``cosine``: per-step cosine decay to 0 (SAM JAX reference). ``cosine_epoch``: constant within
+  epoch ``e``, :math:`\\eta_0 (1 + \\cos(\\pi e / E)) / 2` (torch ``CosineAnnealingLR`` stepped
+  per epoch, the Eigen-SAM/X-SAM code). ``constant``.
+  """
+  total = config.epochs * steps_per_epoch
+  if config.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, total)
+  if config.lr_schedule == "cosine_epoch":
+    return lambda step: (
+      config.lr * 0.5 * (1 + jnp.cos(jnp.pi * (step // steps_per_epoch) / config.epochs))
+    )
+  return optax.constant_schedule(config.lr)
+
+
+def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
+  """``optax.chain(sharpness method?, base optimizer)`` for ``config.optimizer``.
+
+  SGD family: ``add_decayed_weights(wd)`` then ``sgd(lr, momentum)`` (torch's coupled weight
+  decay, as in the papers' code). AdamW family: ``optax.adamw`` (decoupled decay). The
+  sharpness method always comes first, so it sees the raw minibatch gradient.
+  """
+  schedule = learning_rate(config, steps_per_epoch)
+  adamw = config.optimizer.endswith("adamw")
+  method = config.optimizer.removesuffix("_adamw") if adamw else config.optimizer
+  if adamw:
+    base = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+  else:
+    base = optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+  sharp = None
+  if method == "sam":
+    sharp = xsam_jax.sam(rho=config.rho)
+  elif method == "asam":
+    sharp = xsam_jax.sam(rho=config.rho, adaptive=True, eta=config.eta)
+  elif method == "eigen_sam":
+    sharp = xsam_jax.eigen_sam(
+      rho=config.rho,
+      alpha=config.alpha,
+      refresh_every=config.refresh_every,
+      power_iters=config.power_iters,
+      seed=config.seed,
+    )
+  elif method == "xsam":
+    sharp = xsam_jax.xsam(
+      rho=config.rho,
+      alpha=config.alpha,
+      refresh_every=config.refresh_every,
+      power_iters=config.power_iters,
+      normalize=config.normalize,
+      correction=config.correction,
+      seed=config.seed,
+    )
+  tx = base if sharp is None else optax.chain(sharp, base)
+  return OptimizerSpec(
+    tx=tx,
+    needs_grad_fn=sharp is not None,
+    tracks_eigvec=method in ("eigen_sam", "xsam"),
+    refresh_every=config.refresh_every,
+  )

@@ -1,0 +1,426 @@
+"""One training run: ``python -m experiments.train --config CONFIG.py[:OPT] [--set k=v ...]``.
+
+Reads top to bottom: data -> model -> optimizer -> one jitted train step of
+``(state, batch) -> (state, metrics)`` -> epoch loop with evaluation, an independent
+lambda_max estimate, JSONL/TensorBoard metrics and orbax checkpoints with exact resume.
+
+Outputs in ``--workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one record
+per logged step and per epoch), ``tb/`` (TensorBoard), ``checkpoints/`` and, at the end,
+``summary.json`` (test accuracy, final lambda_max, wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from experiments import data as data_lib
+from experiments.configs.base import RESUME_FREE, TrainConfig, load_config
+from experiments.models import count_params, get_model, init_model
+from experiments.optimizers import OptimizerSpec, build_optimizer
+from xsam_jax import hessian, is_due, training
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------
+# Model, loss and state.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy and accuracy (the loss's aux), in float32."""
+  logits = logits.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def create_state(
+  config: TrainConfig, dataset: data_lib.Dataset, spec: OptimizerSpec
+) -> training.TrainState:
+  """The initial :class:`xsam_jax.training.TrainState` of a run."""
+  kwargs: dict[str, Any] = {}
+  if config.compute_dtype != "float32":
+    kwargs["dtype"] = jnp.dtype(config.compute_dtype)
+  if config.dropout_rate and config.model in ("wrn28_10", "alexnet"):
+    kwargs["dropout_rate"] = config.dropout_rate
+  model = get_model(config.model, dataset.num_classes, **kwargs)
+  params, batch_stats = init_model(model, (1, *dataset.image_shape), jax.random.key(config.seed))
+  return training.TrainState.create(
+    apply_fn=model.apply, params=params, tx=spec.tx, batch_stats=batch_stats or None
+  )
+
+
+def use_static_refresh(config: TrainConfig) -> bool:
+  """Host-decided refresh on XLA:CPU, where control flow around convolutions is 25-30x slower
+  (jax-ml/jax#12868); one program with ``lax.cond`` elsewhere."""
+  if config.refresh_path == "auto":
+    return jax.default_backend() == "cpu"
+  return config.refresh_path == "static"
+
+
+def make_train_step(config: TrainConfig, spec: OptimizerSpec):
+  """The jitted step ``(state, batch, *, refresh) -> (state, metrics)``."""
+  dropout_key = jax.random.key(config.seed + 1)
+
+  @functools.partial(jax.jit, static_argnames=("refresh",), donate_argnums=(0,))
+  def train_step(state, batch, *, refresh=None):
+    out = training.linen_grad_fns(
+      state,
+      cross_entropy,
+      batch["image"],
+      batch["label"],
+      dropout_rng=jax.random.fold_in(dropout_key, state.step),
+      has_aux=True,
+    )
+    extra: dict[str, Any] = {}
+    if spec.needs_grad_fn:
+      extra["grad_fn"] = out.grad_fn
+    if spec.tracks_eigvec:
+      extra["refresh"] = refresh
+      if config.eig_eval_mode:
+        extra["eig_grad_fn"] = out.eig_grad_fn
+    state = state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats, **extra)
+    metrics = {"loss": out.loss, "accuracy": out.aux, "grad_norm": optax.tree.norm(out.grads)}
+    if spec.tracks_eigvec:
+      metrics["eigval"] = optax.tree.get(state.opt_state, "eigval")
+      metrics["abs_cos"] = jnp.abs(optax.tree.get(state.opt_state, "cos"))
+    return state, metrics
+
+  return train_step
+
+
+@jax.jit
+def eval_step(state: training.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums of loss, correct predictions and examples over the real (mask = 1) examples."""
+  variables = {"params": state.params}
+  if state.batch_stats is not None:
+    variables["batch_stats"] = state.batch_stats
+  logits = state.apply_fn(variables, batch["image"], train=False).astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = jnp.argmax(logits, -1) == batch["label"]
+  mask = batch["mask"]
+  return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "n": jnp.sum(mask)}
+
+
+def evaluate(state, dataset: data_lib.Dataset, batch_size: int, mesh: Mesh) -> dict[str, float]:
+  totals = None
+  for batch in data_lib.test_batches(dataset, batch_size):
+    out = eval_step(state, data_lib.shard_batch(batch, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  return {
+    "test_loss": float(totals["loss"] / totals["n"]),
+    "test_accuracy": float(totals["correct"] / totals["n"]),
+  }
+
+
+def _eval_loss(params, batch_stats, apply_fn, images, labels):
+  variables = {"params": params}
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+  return cross_entropy(apply_fn(variables, images, train=False), labels)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _eval_hvp(params, batch_stats, apply_fn, images, labels, v):
+  grad_fn = jax.grad(lambda p: _eval_loss(p, batch_stats, apply_fn, images, labels))
+  return hessian.hvp(grad_fn, params, v)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_iters"))
+def _lambda_max_compiled(params, batch_stats, apply_fn, images, labels, key, num_iters):
+  grad_fn = jax.grad(lambda p: _eval_loss(p, batch_stats, apply_fn, images, labels))
+  return hessian.top_eigenvalue(grad_fn, params, key, num_iters=num_iters)
+
+
+def lambda_max(state, dataset: data_lib.Dataset, config: TrainConfig) -> float:
+  """Independent lambda_max estimate (Lanczos, eval-mode loss) on a fixed training subset.
+
+  It does not read the optimizer's cached eigenvalue, so it can check it. On XLA:CPU the
+  Lanczos loop runs on the host around one jitted HVP (HVPs inside a compiled loop run ~35x
+  slower there, and an unrolled program takes ~45 s to compile); elsewhere it is one program.
+  """
+  n = min(config.lambda_max_examples, dataset.num_train)
+  images = data_lib.normalize(dataset.train_images[:n], dataset.mean, dataset.std)
+  labels = dataset.train_labels[:n].astype(np.int32)
+  key = jax.random.key(config.seed + 2)
+  args = (state.params, state.batch_stats, state.apply_fn, images, labels)
+  if jax.default_backend() != "cpu":
+    return float(_lambda_max_compiled(*args, key, config.lambda_max_iters))
+  num_iters = min(config.lambda_max_iters, count_params(state.params))
+  v0 = optax.tree.random_like(key, state.params, jax.random.normal, dtype=jnp.float32)
+  eigvals, _ = hessian.top_k_eigenpairs(
+    lambda v: _eval_hvp(*args, v), v0, 1, num_iters=num_iters, unroll=True
+  )
+  return float(eigvals[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory: config, metrics, checkpoints.
+
+
+class RunDir:
+  """The files of one run in ``workdir``; never overwrites another run's work."""
+
+  def __init__(self, workdir: Path, config: TrainConfig, tensorboard: bool):
+    self.path = workdir
+    self.config = config
+    self.path.mkdir(parents=True, exist_ok=True)
+    self._check_or_write_config()
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+      (self.path / CHECKPOINT_DIR).absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+    )
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(self.path / "tb"))
+
+  def _check_or_write_config(self) -> None:
+    config_path = self.path / CONFIG_FILE
+    if config_path.exists():
+      saved = json.loads(config_path.read_text())
+      current = dataclasses.asdict(self.config)
+      differ = sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUME_FREE and saved.get(k) != current.get(k)
+      )
+      if differ:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+        raise ValueError(
+          f"--workdir {self.path} holds a run with another config ({details}). Nothing was "
+          "changed there. Use a new --workdir, or the same config to resume that run."
+        )
+      return
+    leftovers = [p.name for p in self.path.iterdir()]
+    if leftovers:
+      raise ValueError(
+        f"--workdir {self.path} is not empty ({', '.join(sorted(leftovers))}) and has no "
+        f"{CONFIG_FILE}. Nothing was changed there; choose an empty or new --workdir."
+      )
+    config_path.write_text(self.config.to_json())
+
+  def latest_epoch(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, state: training.TrainState, epoch: int) -> training.TrainState:
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    try:
+      return self.manager.restore(epoch, args=self._ocp.args.StandardRestore(abstract))
+    except Exception as exc:
+      raise RuntimeError(
+        f"the checkpoint of epoch {epoch} in {self.path / CHECKPOINT_DIR} could not be read "
+        f"({type(exc).__name__}: {exc}). It was left untouched: move it away to restart from "
+        "an earlier checkpoint, or use a new --workdir."
+      ) from exc
+
+  def save(self, state: training.TrainState, epoch: int) -> None:
+    self.manager.save(epoch, args=self._ocp.args.StandardSave(state), force=True)
+    self.manager.wait_until_finished()
+
+  def log(self, record: dict[str, Any]) -> None:
+    with open(self.path / METRICS_FILE, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      step = record.get("step", 0)
+      prefix = "epoch" if record.get("kind") == "epoch" else "step"
+      for k, v in record.items():
+        if isinstance(v, float | int) and k not in ("step", "epoch"):
+          self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+  def close(self) -> None:
+    self.manager.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int | None = None):
+  """Trains (or resumes) one run; returns the summary dict (also written to summary.json)."""
+  start_time = time.time()
+  dataset = data_lib.load_dataset(
+    config.dataset, data_dir=config.data_dir, label_noise=config.label_noise, seed=config.seed
+  )
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  data_lib.check_batch_size(config.batch_size, jax.device_count())
+  steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, config.batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(
+      f"`batch_size` {config.batch_size} exceeds the {dataset.num_train} training examples of "
+      f"{config.dataset}; use a smaller batch_size."
+    )
+  spec = build_optimizer(config, steps_per_epoch)
+  state = jax.device_put(create_state(config, dataset, spec), NamedSharding(mesh, P()))
+  run = RunDir(Path(workdir), config, config.tensorboard)
+  start_epoch = run.latest_epoch() or 0
+  if start_epoch:
+    state = run.restore(state, start_epoch)
+    run.log({"kind": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})
+  train_step = make_train_step(config, spec)
+  static = spec.tracks_eigvec and use_static_refresh(config)
+  total_steps = config.epochs * steps_per_epoch
+  progress = _progress(config, total_steps, start_epoch * steps_per_epoch)
+  stop_epoch = config.epochs
+  if max_epochs_this_run is not None:
+    stop_epoch = min(stop_epoch, start_epoch + max_epochs_this_run)
+  record: dict[str, Any] = {}
+  lam = float("nan")
+  train_seconds = 0.0
+  for epoch in range(start_epoch, stop_epoch):
+    epoch_start = time.time()
+    sums: dict[str, jax.Array] = {}
+    for i, batch in enumerate(
+      data_lib.train_batches(dataset, config.batch_size, config.seed, epoch, augment=config.augment)
+    ):
+      step = epoch * steps_per_epoch + i
+      refresh = is_due(step, spec.refresh_every) if static else None
+      state, metrics = train_step(state, data_lib.shard_batch(batch, mesh), refresh=refresh)
+      sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
+      if step % config.log_every == 0:
+        step_record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        run.log({"kind": "step", "step": step, "epoch": epoch, **step_record})
+        if progress is not None:
+          progress.set_postfix({k: f"{v:.3g}" for k, v in step_record.items()}, refresh=False)
+      if progress is not None:
+        progress.update(1)
+    epoch_means = {
+      f"train_{k}": float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()
+    }
+    epoch_seconds = time.time() - epoch_start
+    train_seconds += epoch_seconds
+    record = {
+      "kind": "epoch",
+      "epoch": epoch + 1,
+      "step": (epoch + 1) * steps_per_epoch,
+      "epoch_seconds": epoch_seconds,
+      **epoch_means,
+    }
+    last = epoch + 1 == config.epochs
+    if (epoch + 1) % config.eval_every == 0 or last:
+      record.update(evaluate(state, dataset, config.batch_size, mesh))
+    if last or (config.lambda_max_every and (epoch + 1) % config.lambda_max_every == 0):
+      lam = lambda_max(state, dataset, config)
+      record["lambda_max"] = lam
+    run.log(record)
+    if progress is not None:
+      progress.set_postfix(
+        {
+          k: f"{record[k]:.3g}"
+          for k in ("train_loss", "test_accuracy", "lambda_max")
+          if k in record
+        },
+        refresh=True,
+      )
+    if (epoch + 1) % config.checkpoint_every == 0 or last or epoch + 1 == stop_epoch:
+      run.save(state, epoch + 1)
+  if progress is not None:
+    progress.close()
+  summary = None
+  if stop_epoch == config.epochs and record:
+    summary = {
+      "dataset": config.dataset,
+      "model": config.model,
+      "optimizer": config.optimizer,
+      "label_noise": config.label_noise,
+      "epochs": config.epochs,
+      "test_accuracy": record.get("test_accuracy"),
+      "test_loss": record.get("test_loss"),
+      "final_lambda_max": lam,
+      "final_train_loss": record.get("train_loss"),
+      "num_params": count_params(state.params),
+      "wall_seconds_this_run": time.time() - start_time,
+      "train_seconds_this_run": train_seconds,
+      "refresh_path": ("static" if static else "cond") if spec.tracks_eigvec else None,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+    }
+    (Path(workdir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+  run.close()
+  return summary, state
+
+
+def _progress(config: TrainConfig, total: int, initial: int):
+  if not config.progress:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=initial, desc=config.optimizer, unit="step", leave=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.train", description=__doc__.split("\n\n")[0]
+  )
+  parser.add_argument(
+    "--config",
+    default="experiments/configs/digits_simple_cnn.py:xsam",
+    help="path/to/config.py[:OPTIMIZER] (default: the offline digits demo with X-SAM)",
+  )
+  parser.add_argument("--workdir", default=None, help="run directory (default: runs/<name>)")
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="override a config field, e.g. --set epochs=2 --set rho=0.1 (repeatable)",
+  )
+  parser.add_argument(
+    "--max_epochs_this_run",
+    type=int,
+    default=None,
+    help="stop cleanly (after checkpointing) once this many epochs ran in this invocation",
+  )
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    config = load_config(args.config, args.overrides)
+  except ValueError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+  workdir = args.workdir
+  if workdir is None:
+    stem = Path(args.config.partition(":")[0]).stem
+    workdir = Path("runs") / f"{stem}_{config.optimizer}"
+  try:
+    summary, _ = train(config, workdir, max_epochs_this_run=args.max_epochs_this_run)
+  except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+  if summary is not None:
+    print(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

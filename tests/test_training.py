@@ -1,0 +1,398 @@
+"""Tests of the Flax glue: BatchNorm and dropout conventions, Linen/NNX agreement, jit."""
+
+import collections
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import xsam_jax
+from xsam_jax import training
+
+NUM_IN, NUM_HIDDEN, NUM_CLASSES, BATCH = 5, 8, 3, 16
+MOMENTUM = 0.9  # BatchNorm momentum; lower than the default so one pass moves the stats.
+
+
+class LinenMLP(nn.Module):
+  """Dense -> BatchNorm -> relu -> Dropout -> Dense, called as ``apply(v, x, train=...)``."""
+
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(NUM_HIDDEN, name="dense1")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=MOMENTUM, name="bn")(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+    return nn.Dense(NUM_CLASSES, name="dense2")(x)
+
+
+class NNXMLP(nnx.Module):
+  """The same architecture in NNX, with the same parameter names."""
+
+  def __init__(self, dropout_rate: float, rngs: nnx.Rngs):
+    self.dense1 = nnx.Linear(NUM_IN, NUM_HIDDEN, rngs=rngs)
+    self.bn = nnx.BatchNorm(NUM_HIDDEN, momentum=MOMENTUM, rngs=rngs)
+    self.drop = nnx.Dropout(dropout_rate, rngs=rngs)
+    self.dense2 = nnx.Linear(NUM_HIDDEN, NUM_CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    return self.dense2(self.drop(nnx.relu(self.bn(self.dense1(x)))))
+
+
+def xent(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def nnx_loss(model, x, y):
+  return xent(model(x), y)
+
+
+@functools.cache
+def batch():
+  kx, ky = jax.random.split(jax.random.key(42))
+  x = 1.0 + 2.0 * jax.random.normal(kx, (BATCH, NUM_IN))  # BatchNorm has something to track.
+  return x, jax.random.randint(ky, (BATCH,), 0, NUM_CLASSES)
+
+
+@functools.cache
+def initial_variables():
+  return jax.jit(LinenMLP().init, static_argnames="train")(
+    jax.random.key(0), batch()[0], train=False
+  )
+
+
+@functools.cache
+def linen_apply(dropout_rate):
+  return LinenMLP(dropout_rate).apply  # one object per model: jit caches key on it
+
+
+def linen_state(tx, dropout_rate=0.0):
+  variables = initial_variables()  # dropout has no variables
+  return training.TrainState.create(
+    apply_fn=linen_apply(dropout_rate),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=tx,
+  )
+
+
+def nnx_model_like(state, dropout_rate=0.0):
+  """An NNX model holding the weights and statistics of a Linen ``TrainState``."""
+  model = NNXMLP(dropout_rate, nnx.Rngs(params=1, dropout=2))
+  for name in ("dense1", "dense2"):
+    getattr(model, name).kernel[...] = state.params[name]["kernel"]
+    getattr(model, name).bias[...] = state.params[name]["bias"]
+  model.bn.scale[...] = state.params["bn"]["scale"]
+  model.bn.bias[...] = state.params["bn"]["bias"]
+  model.bn.mean[...] = state.batch_stats["bn"]["mean"]
+  model.bn.var[...] = state.batch_stats["bn"]["var"]
+  return model
+
+
+# Traces of the two training steps, to check that each compiles once. The steps and the
+# transforms below are shared by the tests, so that they share compiled programs too.
+TRACES = collections.Counter()
+
+
+def linen_step(state, x, y, dropout_rng=None):
+  TRACES["linen"] += 1
+  out = training.linen_grad_fns(state, xent, x, y, dropout_rng=dropout_rng)
+  state = state.apply_gradients(
+    grads=out.grads,
+    batch_stats=out.batch_stats,
+    grad_fn=out.grad_fn,
+    eig_grad_fn=out.eig_grad_fn,
+  )
+  return state, out.loss
+
+
+def nnx_step(model, optimizer, x, y):
+  TRACES["nnx"] += 1
+  out = training.nnx_grad_fns(model, nnx_loss, x, y)
+  optimizer.update(model, out.grads, grad_fn=out.grad_fn, eig_grad_fn=out.eig_grad_fn)
+  return out.loss
+
+
+def ascent_point(params, grads, rho):
+  """``w + rho g/||g||``: where the perturbed pass of SAM and X-SAM evaluates the loss."""
+  return optax.tree.add_scale(params, rho / optax.tree.norm(grads), grads)
+
+
+def max_abs_diff(a, b):
+  return max(
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+RHO = 0.5  # large, so that the perturbed pass's statistics are clearly different
+
+TXS = {
+  "sam": optax.chain(xsam_jax.sam(rho=RHO), optax.sgd(0.1)),
+  "xsam": optax.chain(
+    xsam_jax.xsam(rho=RHO, alpha=0.5, refresh_every=2, power_iters=3), optax.sgd(0.1)
+  ),
+}
+linen_step_jit = jax.jit(linen_step)
+nnx_step_jit = nnx.jit(nnx_step)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm statistics come from the clean pass only.
+
+
+@pytest.mark.parametrize("method", ["sam", "xsam"])
+def test_linen_step_keeps_batch_stats_of_the_clean_pass_only(method):
+  x, y = batch()
+  state = linen_state(TXS[method])
+  new_state, _ = linen_step_jit(state, x, y)
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  apply = jax.jit(LinenMLP().apply, static_argnames=("train", "mutable"))
+  _, clean = apply(variables, x, train=True, mutable=("batch_stats",))
+  chex.assert_trees_all_close(new_state.batch_stats, clean["batch_stats"], atol=1e-6)
+
+  # Had the perturbed pass updated them too, the statistics would be these instead.
+  grads = jax.jit(lambda s: training.linen_grad_fns(s, xent, x, y).grads)(state)
+  adv = {"params": ascent_point(state.params, grads, RHO), "batch_stats": clean["batch_stats"]}
+  _, both = apply(adv, x, train=True, mutable=("batch_stats",))
+  assert max_abs_diff(both["batch_stats"], clean["batch_stats"]) > 1e-2
+
+
+@pytest.mark.parametrize("method", ["sam", "xsam"])
+def test_nnx_step_keeps_batch_stats_of_the_clean_pass_only(method):
+  x, y = batch()
+  model = nnx_model_like(linen_state(optax.identity()))
+  reference = nnx.clone(model)
+  grads = nnx.jit(lambda m: nnx.grad(nnx_loss)(m, x, y))(nnx.clone(model))
+  nnx_step_jit(model, nnx.Optimizer(model, TXS[method], wrt=nnx.Param), x, y)
+
+  reference(x)  # the clean pass alone, in train mode
+  clean = nnx.as_pure(nnx.state(reference, nnx.BatchStat))
+  chex.assert_trees_all_close(nnx.as_pure(nnx.state(model, nnx.BatchStat)), clean, atol=1e-6)
+
+  # Had the perturbed pass updated them too, the statistics would be these instead.
+  params = nnx.as_pure(nnx.state(reference, nnx.Param))
+  nnx.update(reference, ascent_point(params, nnx.as_pure(grads), RHO))
+  reference(x)
+  both = nnx.as_pure(nnx.state(reference, nnx.BatchStat))
+  assert max_abs_diff(both, clean) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# grad_fn is the clean loss (same dropout mask); eig_grad_fn is the eval-mode loss.
+
+
+def test_linen_grad_fn_at_clean_params_reproduces_clean_gradient_with_same_dropout_mask():
+  x, y = batch()
+  state = linen_state(optax.identity(), dropout_rate=0.5)
+
+  @jax.jit
+  def run(state, key, other_key):
+    out = training.linen_grad_fns(state, xent, x, y, dropout_rng=key)
+    other = training.linen_grad_fns(state, xent, x, y, dropout_rng=other_key)
+    return out.grads, out.grad_fn(state.params), other.grads
+
+  grads, again, other_mask = run(state, jax.random.key(1), jax.random.key(2))
+  chex.assert_trees_all_close(again, grads, atol=1e-6)
+  assert max_abs_diff(other_mask, grads) > 1e-3  # dropout matters, so the key was shared
+
+
+def test_nnx_grad_fn_at_clean_params_reproduces_clean_gradient_with_same_dropout_mask():
+  x, y = batch()
+  model = nnx_model_like(linen_state(optax.identity()), dropout_rate=0.5)
+
+  @nnx.jit
+  def run(model):
+    out = training.nnx_grad_fns(model, nnx_loss, x, y)
+    pure_params = nnx.as_pure(nnx.state(model, nnx.Param))  # what nnx.Optimizer passes
+    again = out.grad_fn(pure_params)
+    next_step = training.nnx_grad_fns(model, nnx_loss, x, y)  # the RNG stream has moved on
+    return nnx.as_pure(out.grads), again, nnx.as_pure(next_step.grads)
+
+  grads, again, next_mask = run(model)
+  chex.assert_trees_all_equal_structs(again, grads)
+  chex.assert_trees_all_close(again, grads, atol=1e-6)
+  assert max_abs_diff(next_mask, grads) > 1e-3  # dropout matters, so the RNG was shared
+
+
+def test_linen_eig_grad_fn_is_the_eval_mode_gradient_with_running_averages():
+  x, y = batch()
+  state = linen_state(optax.identity(), dropout_rate=0.5)
+  moved = {"bn": {"mean": jnp.full((NUM_HIDDEN,), 0.7), "var": jnp.full((NUM_HIDDEN,), 3.0)}}
+  state = state.replace(batch_stats=moved)
+
+  @jax.jit
+  def run(state):
+    out = training.linen_grad_fns(state, xent, x, y, dropout_rng=jax.random.key(1))
+    return out.eig_grad_fn(state.params), out.grad_fn(state.params)
+
+  def eval_loss(params):
+    logits = state.apply_fn({"params": params, "batch_stats": moved}, x, train=False)
+    return xent(logits, y)
+
+  eig_grads, train_grads = run(state)
+  chex.assert_trees_all_close(eig_grads, jax.jit(jax.grad(eval_loss))(state.params), atol=1e-6)
+  assert max_abs_diff(eig_grads, train_grads) > 1e-2
+
+
+def test_nnx_eig_grad_fn_is_the_eval_mode_gradient_with_running_averages():
+  x, y = batch()
+  model = nnx_model_like(linen_state(optax.identity()), dropout_rate=0.5)
+  model.bn.mean[...] = jnp.full((NUM_HIDDEN,), 0.7)
+  model.bn.var[...] = jnp.full((NUM_HIDDEN,), 3.0)
+  reference = nnx.clone(model)
+  reference.eval()
+
+  @nnx.jit
+  def run(model):
+    out = training.nnx_grad_fns(model, nnx_loss, x, y)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    return out.eig_grad_fn(params), out.grad_fn(params)
+
+  eig_grads, train_grads = run(model)
+  expected = nnx.jit(lambda m: nnx.as_pure(nnx.grad(nnx_loss)(m, x, y)))(reference)
+  chex.assert_trees_all_close(eig_grads, expected, atol=1e-6)
+  assert max_abs_diff(eig_grads, train_grads) > 1e-2
+  assert not model.bn.use_running_average and not model.drop.deterministic  # mode untouched
+
+
+class LinenLinear(nn.Module):
+  """A model without BatchNorm or dropout."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return nn.Dense(NUM_CLASSES)(x)
+
+
+def test_linen_helper_works_without_batch_stats_and_returns_the_aux_output():
+  x, y = batch()
+  model = LinenLinear()
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
+  state = training.TrainState.create(
+    apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1)
+  )
+  loss_and_logits = lambda logits, y: (xent(logits, y), logits)
+
+  @jax.jit
+  def run(state):
+    out = training.linen_grad_fns(state, loss_and_logits, x, y, has_aux=True)
+    return out.aux, out.batch_stats, out.grads, out.grad_fn(state.params)
+
+  logits, batch_stats, grads, again = run(state)
+  chex.assert_trees_all_close(logits, model.apply(variables, x, train=True), atol=1e-6)
+  assert batch_stats is None
+  expected = jax.grad(lambda p: xent(model.apply({"params": p}, x, train=True), y))(state.params)
+  chex.assert_trees_all_close(grads, expected, atol=1e-6)
+  chex.assert_trees_all_close(again, expected, atol=1e-6)
+
+
+def test_nnx_helper_returns_the_aux_output_of_the_clean_pass():
+  x, _ = batch()
+  model = nnx_model_like(linen_state(optax.identity()))
+  reference = nnx.clone(model)
+
+  @nnx.jit
+  def run(model):
+    return training.nnx_grad_fns(model, lambda m: (m(x).sum(), m(x)), has_aux=True).aux
+
+  chex.assert_trees_all_close(run(model), reference(x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Linen and NNX agree; everything compiles once.
+
+
+@pytest.mark.parametrize("method", ["sam", "xsam"])
+def test_nnx_and_linen_steps_agree_for_the_same_weights(method):
+  x, y = batch()
+  state = linen_state(TXS[method])
+  model = nnx_model_like(state)
+  optimizer = nnx.Optimizer(model, state.tx, wrt=nnx.Param)
+  traces = TRACES.copy()
+  for _ in range(3):  # with xsam: refresh, keep, refresh
+    state, linen_loss = linen_step_jit(state, x, y)
+    loss = nnx_step_jit(model, optimizer, x, y)
+    np.testing.assert_allclose(loss, linen_loss, rtol=1e-5)
+    chex.assert_trees_all_close(
+      nnx.as_pure(nnx.state(model, nnx.Param)).to_pure_dict(), state.params, atol=1e-5
+    )
+    chex.assert_trees_all_close(
+      nnx.as_pure(nnx.state(model, nnx.BatchStat)).to_pure_dict(), state.batch_stats, atol=1e-5
+    )
+  assert all(TRACES[k] - traces[k] <= 1 for k in ("linen", "nnx"))  # one compile for 3 steps
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  assert int(optax.tree.get(opt_state, "count")) == int(optimizer.step[...]) == 3
+  if method == "xsam":  # the NNX optimizer refreshed the same eigenvector
+    chex.assert_trees_all_close(
+      optax.tree.get(opt_state, "eigval"), optax.tree.get(state.opt_state, "eigval"), rtol=1e-4
+    )
+
+
+def test_train_state_forwards_extra_args_and_requires_grad_fn_for_xsam():
+  x, y = batch()
+  state = linen_state(optax.chain(xsam_jax.xsam(rho=0.05), optax.sgd(0.1)))
+
+  @jax.jit
+  def step(state):
+    out = training.linen_grad_fns(state, xent, x, y)
+    with pytest.raises(ValueError, match="grad_fn"):  # raised while tracing
+      state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats)
+    new_state = state.apply_gradients(
+      grads=out.grads, batch_stats=out.batch_stats, grad_fn=out.grad_fn, refresh=False
+    )
+    return new_state, out.batch_stats
+
+  new_state, batch_stats = step(state)
+  assert int(new_state.step) == 1
+  chex.assert_trees_all_equal(new_state.batch_stats, batch_stats)  # a field: replaced
+  assert max_abs_diff(new_state.batch_stats, state.batch_stats) > 1e-2
+  assert float(optax.tree.get(new_state.opt_state, "eigval")) == 0.0  # refresh=False reached tx
+
+
+def test_train_state_step_compiles_once_across_eigenvector_refreshes():
+  x, y = batch()
+  state = linen_state(TXS["xsam"])
+  traces = TRACES["linen"]
+  eigvals = []
+  for _ in range(4):
+    state, _ = linen_step_jit(state, x, y)
+    eigvals.append(float(optax.tree.get(state.opt_state, "eigval")))
+  assert TRACES["linen"] - traces <= 1  # 0 when an earlier test compiled the same step
+  assert int(state.step) == 4
+  assert eigvals[0] != 0.0 and eigvals[1] == eigvals[0]  # refreshed at step 0, kept at 1
+  assert eigvals[2] != eigvals[1] and eigvals[3] == eigvals[2]  # refreshed at step 2
+
+
+def test_nnx_step_runs_alike_under_nnx_jit_and_plain_jax_jit_of_split_merge():
+  x, y = batch()
+  model = nnx_model_like(linen_state(optax.identity()))
+  optimizer = nnx.Optimizer(model, TXS["sam"], wrt=nnx.Param)
+  graphdef, split_state = nnx.split((nnx.clone(model), nnx.clone(optimizer)))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def split_merge_step(split_state, x, y):
+    model, optimizer = nnx.merge(graphdef, split_state)
+    loss = nnx_step(model, optimizer, x, y)
+    return nnx.state((model, optimizer)), loss
+
+  traces = TRACES["nnx"]
+  losses = []
+  for _ in range(3):
+    losses.append(float(nnx_step_jit(model, optimizer, x, y)))
+    split_state, _ = split_merge_step(split_state, x, y)
+  assert TRACES["nnx"] - traces <= 2  # nnx.jit once (0 if cached) and jax.jit once
+  assert losses[-1] < losses[0]
+  assert int(optimizer.step[...]) == 3
+  weights = (nnx.Param, nnx.BatchStat)
+  chex.assert_trees_all_close(
+    nnx.as_pure(nnx.state(model, weights)), nnx.as_pure(nnx.state(split_state[0], weights))
+  )

@@ -1,0 +1,375 @@
+"""Flax glue: the clean pass, ``grad_fn`` and ``eig_grad_fn`` for NNX and Linen models.
+
+Every sharpness method in :mod:`xsam_jax` needs, besides the clean minibatch gradient,
+``grad_fn(params) -> grads``: the gradient of the *same* minibatch loss at other parameters.
+With BatchNorm and dropout "the same loss" needs care, and this module is the one place that
+takes it. The conventions, those of the SAM paper's and the Eigen-SAM/X-SAM authors' code:
+
+* The clean pass runs in train mode (batch statistics, dropout on) and is the only pass whose
+  BatchNorm updates are kept in the model's running averages.
+* ``grad_fn`` (the perturbed pass) also runs in train mode, so it normalises with the batch
+  statistics at the perturbed weights, and uses the dropout randomness of the clean pass; its
+  BatchNorm updates land on a throwaway copy.
+* ``eig_grad_fn`` (for the Hessian-vector products of Eigen-SAM/X-SAM) runs in eval mode:
+  BatchNorm with the running averages held *before* this step's update, no dropout. Pass it as
+  ``eig_grad_fn=`` to use it; without it the HVPs come from ``grad_fn``.
+
+NNX models are switched with ``Module.train()``/``Module.eval()`` (the ``deterministic`` and
+``use_running_average`` attributes) on throwaway copies, so the caller's model keeps its mode.
+Linen models are called as ``apply_fn({'params': p, 'batch_stats': s}, x, train=...)``.
+
+* :func:`nnx_grad_fns` -- the clean pass of an NNX model and its ``grad_fn``/``eig_grad_fn``;
+  use with ``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, grad_fn=...)``.
+* :class:`TrainState` -- a Linen ``TrainState`` with ``batch_stats`` whose ``apply_gradients``
+  forwards ``grad_fn``, ``eig_grad_fn``, ``refresh``... to ``tx.update``.
+* :func:`linen_grad_fns` -- the clean pass of a Linen model and its ``grad_fn``/``eig_grad_fn``.
+
+A whole training step compiles once under ``nnx.jit`` or ``jax.jit``.
+
+References:
+  Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+  Generalization", ICLR 2021, arXiv:2010.01412 (BatchNorm statistics from the clean pass only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from flax import nnx
+from flax.training import train_state
+
+PyTree = Any
+GradFn = Callable[[PyTree], PyTree]
+
+__all__ = ["LinenGradFns", "NNXGradFns", "TrainState", "linen_grad_fns", "nnx_grad_fns"]
+
+
+def _split_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+  """``(loss, aux)`` from a loss function's output; ``aux`` is None when ``has_aux`` is False."""
+  if not has_aux:
+    return out, None
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise ValueError(
+      "With has_aux=True the loss function must return a pair (loss, aux), got "
+      f"{type(out).__name__}."
+    )
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# NNX
+
+
+class NNXGradFns(NamedTuple):
+  """What :func:`nnx_grad_fns` returns.
+
+  Attributes:
+    loss: the clean minibatch loss (train mode).
+    aux: the auxiliary output of the loss function with ``has_aux=True``, else None.
+    grads: the clean gradient, an ``nnx.State`` of ``wrt`` variables like ``nnx.grad`` returns;
+      hand it to ``nnx.Optimizer.update``.
+    grad_fn: ``params -> grads`` of the same loss in train mode (same dropout randomness,
+      BatchNorm updates discarded). Returns the structure it is given: pure arrays for the
+      ``nnx.as_pure`` state ``nnx.Optimizer`` passes, ``Param`` variables for a split state.
+    eig_grad_fn: ``params -> grads`` of the same loss in eval mode (running averages from
+      before this step, no dropout), for Hessian-vector products.
+  """
+
+  loss: jax.Array
+  aux: Any
+  grads: nnx.State
+  grad_fn: GradFn
+  eig_grad_fn: GradFn
+
+
+def nnx_grad_fns(
+  model: nnx.Module,
+  loss_fn: Callable[..., Any],
+  *args: Any,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+) -> NNXGradFns:
+  """Runs the clean pass of an NNX model and builds ``grad_fn``/``eig_grad_fn`` for it.
+
+  The model is split once, ``graphdef, params, rest = nnx.split(model, wrt, ...)``, and
+  ``rest`` (BatchNorm statistics, RNG counters, everything not in ``wrt``) is snapshotted.
+  Every pass merges a throwaway copy from that snapshot:
+
+  * clean pass: train mode; its updated ``rest`` (new running averages, advanced RNG
+    counters) is written back into ``model``, the only side effect of this function;
+  * ``grad_fn(p)``: train mode, from the snapshot, so dropout draws the same masks as the clean
+    pass (and as every other call) and BatchNorm updates are thrown away with the copy;
+  * ``eig_grad_fn(p)``: eval mode (``Module.eval()``): BatchNorm running averages from the
+    snapshot, dropout off.
+
+  ``model``'s own mode attributes are not changed. Call it inside the jitted step (``nnx.jit``,
+  or ``jax.jit`` around ``nnx.merge``/``nnx.split``); the step compiles once.
+
+  Args:
+    model: the NNX model; its non-``wrt`` state is updated in place by the clean pass.
+    loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)`` with ``has_aux=True``), a
+      scalar loss of one minibatch, as for ``nnx.value_and_grad``.
+    *args: passed to ``loss_fn`` after the model (e.g. the inputs and labels).
+    wrt: filter of the differentiated variables; must match ``nnx.Optimizer(..., wrt=...)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    An :class:`NNXGradFns` ``(loss, aux, grads, grad_fn, eig_grad_fn)``.
+
+  References:
+    Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021, arXiv:2010.01412.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, xsam_jax
+    >>> from flax import nnx
+    >>> from xsam_jax import training
+    >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(8, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
+    >>> tx = optax.chain(xsam_jax.xsam(rho=0.05, alpha=0.2), optax.sgd(0.1))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> def loss_fn(model, x, y):
+    ...   return jnp.mean((model(x) - y) ** 2)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...   out = training.nnx_grad_fns(model, loss_fn, x, y)
+    ...   optimizer.update(model, out.grads, grad_fn=out.grad_fn, eig_grad_fn=out.eig_grad_fn)
+    ...   return out.loss
+    >>> loss = train_step(model, optimizer, jnp.ones((4, 3)), jnp.zeros((4, 1)))
+  """
+  graphdef, params, rest = nnx.split(model, wrt, ...)
+  # Plain arrays: every merge below builds fresh variables, never aliasing the model's.
+  rest = nnx.as_pure(rest)
+
+  def loss_at(p: PyTree, train: bool) -> tuple[jax.Array, tuple[Any, nnx.State]]:
+    copy = nnx.merge(graphdef, nnx.as_pure(p), rest)
+    if train:
+      copy.train()
+    else:
+      copy.eval()
+    loss, aux = _split_aux(loss_fn(copy, *args), has_aux)
+    return loss, (aux, nnx.split(copy, wrt, ...)[2])
+
+  (loss, (aux, new_rest)), grads = jax.value_and_grad(lambda p: loss_at(p, True), has_aux=True)(
+    params
+  )
+  nnx.update(model, new_rest)
+
+  def grad_fn(p: PyTree) -> PyTree:
+    return jax.grad(lambda q: loss_at(q, True)[0])(p)
+
+  def eig_grad_fn(p: PyTree) -> PyTree:
+    return jax.grad(lambda q: loss_at(q, False)[0])(p)
+
+  return NNXGradFns(loss=loss, aux=aux, grads=grads, grad_fn=grad_fn, eig_grad_fn=eig_grad_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Linen
+
+
+class TrainState(train_state.TrainState):
+  """A Linen ``TrainState`` with ``batch_stats`` whose ``apply_gradients`` feeds the transform.
+
+  Flax's stock ``apply_gradients`` calls ``tx.update(grads, opt_state, params)`` with no extra
+  arguments, so ``grad_fn`` never reaches a sharpness method. Here every keyword argument that
+  is not a field of the state is forwarded to ``tx.update``; fields (``batch_stats`` and any a
+  subclass adds) are replaced, as in the stock class.
+
+  Attributes:
+    batch_stats: the model's ``'batch_stats'`` collection (BatchNorm running averages), or
+      None for a model without one.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, xsam_jax
+    >>> import flax.linen as nn
+    >>> from xsam_jax import training
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+    ...     return nn.Dense(1)(nn.relu(x))
+    >>> x, y = jnp.ones((4, 3)), jnp.zeros((4, 1))
+    >>> variables = Net().init(jax.random.key(0), x, train=False)
+    >>> state = training.TrainState.create(
+    ...   apply_fn=Net().apply, params=variables["params"],
+    ...   batch_stats=variables["batch_stats"],
+    ...   tx=optax.chain(xsam_jax.xsam(rho=0.05), optax.sgd(0.1)))
+    >>> mse = lambda out, y: jnp.mean((out - y) ** 2)
+    >>> @jax.jit
+    ... def train_step(state, x, y):
+    ...   out = training.linen_grad_fns(state, mse, x, y)
+    ...   state = state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats,
+    ...                                 grad_fn=out.grad_fn, eig_grad_fn=out.eig_grad_fn)
+    ...   return state, out.loss
+    >>> state, loss = train_step(state, x, y)
+  """
+
+  batch_stats: Any = None
+
+  def apply_gradients(self, *, grads: PyTree, **kwargs: Any) -> TrainState:
+    """Applies one optimizer step, forwarding extra arguments to ``tx.update``.
+
+    Computes ``updates, opt_state = tx.update(grads, opt_state, params, **extra_args)`` and
+    ``params = optax.apply_updates(params, updates)``, increments ``step``, and replaces the
+    fields named in ``kwargs``.
+
+    Args:
+      grads: the clean gradient, shaped like ``params``.
+      **kwargs: keyword arguments named like a field of the state (``batch_stats``, or fields
+        of a subclass) replace that field; all others (``grad_fn``, ``eig_grad_fn``,
+        ``refresh``, ...) are passed to ``tx.update``.
+
+    Returns:
+      The updated state.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, xsam_jax
+      >>> from xsam_jax import training
+      >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> state = training.TrainState.create(
+      ...   apply_fn=None, params=jnp.zeros(2),
+      ...   tx=optax.chain(xsam_jax.sam(rho=0.05), optax.sgd(0.1)))
+      >>> state = state.apply_gradients(grads=jax.grad(loss)(state.params),
+      ...                               grad_fn=jax.grad(loss))
+    """
+    fields = {f.name for f in dataclasses.fields(self)}
+    replace = {k: v for k, v in kwargs.items() if k in fields}
+    extra_args = {k: v for k, v in kwargs.items() if k not in fields}
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra_args)
+    return self.replace(
+      step=self.step + 1,
+      params=optax.apply_updates(self.params, updates),
+      opt_state=opt_state,
+      **replace,
+    )
+
+
+class LinenGradFns(NamedTuple):
+  """What :func:`linen_grad_fns` returns.
+
+  Attributes:
+    loss: the clean minibatch loss (train mode).
+    aux: the auxiliary output of the loss function with ``has_aux=True``, else None.
+    grads: the clean gradient, shaped like ``state.params``.
+    batch_stats: the ``'batch_stats'`` collection after the clean pass (``state.batch_stats``
+      unchanged, e.g. None, for a model without one); hand it to
+      ``TrainState.apply_gradients(batch_stats=...)``.
+    grad_fn: ``params -> grads`` of the same loss in train mode (same dropout key, BatchNorm
+      updates discarded).
+    eig_grad_fn: ``params -> grads`` of the same loss in eval mode (``train=False``: running
+      averages of ``state.batch_stats``, no dropout), for Hessian-vector products.
+  """
+
+  loss: jax.Array
+  aux: Any
+  grads: PyTree
+  batch_stats: PyTree
+  grad_fn: GradFn
+  eig_grad_fn: GradFn
+
+
+def linen_grad_fns(
+  state: TrainState,
+  loss_fn: Callable[[Any, Any], Any],
+  inputs: Any,
+  targets: Any,
+  *,
+  dropout_rng: jax.Array | None = None,
+  has_aux: bool = False,
+) -> LinenGradFns:
+  """Runs the clean pass of a Linen model and builds ``grad_fn``/``eig_grad_fn`` for it.
+
+  The model is called as ``state.apply_fn(variables, inputs, train=..., ...)`` with
+  ``variables = {'params': p, 'batch_stats': state.batch_stats}`` (no ``'batch_stats'`` entry
+  when ``state.batch_stats`` is None or empty):
+
+  * clean pass and ``grad_fn(p)``: ``train=True, mutable=['batch_stats'],
+    rngs={'dropout': dropout_rng}``; the statistics of the clean pass are returned, those of
+    ``grad_fn`` thrown away; both draw the same dropout masks;
+  * ``eig_grad_fn(p)``: ``train=False``: BatchNorm with the running averages in
+    ``state.batch_stats`` (before this step's update), no dropout.
+
+  Args:
+    state: a :class:`TrainState` (anything with ``apply_fn``, ``params``, ``batch_stats``).
+    loss_fn: ``loss_fn(outputs, targets) -> loss`` (or ``(loss, aux)`` with ``has_aux=True``),
+      with ``outputs`` the model's output on ``inputs``, e.g.
+      ``optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()``.
+    inputs: the model's input batch.
+    targets: passed to ``loss_fn`` (labels).
+    dropout_rng: the key of the ``'dropout'`` stream for this step, or None for a model without
+      dropout.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A :class:`LinenGradFns` ``(loss, aux, grads, batch_stats, grad_fn, eig_grad_fn)``.
+
+  References:
+    Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021, arXiv:2010.01412.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, xsam_jax
+    >>> import flax.linen as nn
+    >>> from xsam_jax import training
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x)))
+    ...     return nn.Dense(3)(nn.Dropout(0.1, deterministic=not train)(x))
+    >>> x, labels = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    >>> variables = Net().init(jax.random.key(0), x, train=False)
+    >>> state = training.TrainState.create(
+    ...   apply_fn=Net().apply, params=variables["params"],
+    ...   batch_stats=variables["batch_stats"],
+    ...   tx=optax.chain(xsam_jax.sam(rho=0.05), optax.sgd(0.1)))
+    >>> def loss_fn(logits, labels):
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    >>> out = training.linen_grad_fns(state, loss_fn, x, labels,
+    ...                               dropout_rng=jax.random.key(1))
+    >>> state = state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats,
+    ...                               grad_fn=out.grad_fn)
+  """
+  batch_stats = state.batch_stats
+  has_stats = bool(jax.tree.leaves(batch_stats))  # None or {}: a model without BatchNorm
+  rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+
+  def variables(params: PyTree) -> dict[str, PyTree]:
+    if has_stats:
+      return {"params": params, "batch_stats": batch_stats}
+    return {"params": params}
+
+  def train_loss(params: PyTree) -> tuple[jax.Array, tuple[Any, PyTree]]:
+    if has_stats:
+      outputs, mutated = state.apply_fn(
+        variables(params), inputs, train=True, mutable=["batch_stats"], rngs=rngs
+      )
+      new_stats = mutated["batch_stats"]
+    else:
+      outputs = state.apply_fn(variables(params), inputs, train=True, rngs=rngs)
+      new_stats = batch_stats
+    loss, aux = _split_aux(loss_fn(outputs, targets), has_aux)
+    return loss, (aux, new_stats)
+
+  def eval_loss(params: PyTree) -> jax.Array:
+    outputs = state.apply_fn(variables(params), inputs, train=False)
+    return _split_aux(loss_fn(outputs, targets), has_aux)[0]
+
+  (loss, (aux, new_stats)), grads = jax.value_and_grad(train_loss, has_aux=True)(state.params)
+
+  def grad_fn(p: PyTree) -> PyTree:
+    return jax.grad(lambda q: train_loss(q)[0])(p)
+
+  return LinenGradFns(
+    loss=loss,
+    aux=aux,
+    grads=grads,
+    batch_stats=new_stats,
+    grad_fn=grad_fn,
+    eig_grad_fn=jax.grad(eval_loss),
+  )
