@@ -75,6 +75,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
       refresh_every=config.refresh_every,
       power_iters=config.power_iters,
       seed=config.seed,
+      tracker=config.tracker,
     )
   elif method == "xsam":
     sharp = xsam_jax.xsam(
@@ -85,6 +86,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
       normalize=config.normalize,
       correction=config.correction,
       seed=config.seed,
+      tracker=config.tracker,
     )
   tx = base if sharp is None else optax.chain(sharp, base)
   return OptimizerSpec(

@@ -191,11 +191,8 @@ class RunDir:
       (self.path / CHECKPOINT_DIR).absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
     )
-    self._tb = None
-    if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(self.path / "tb"))
+    self._tensorboard = tensorboard
+    self._tb = None  # opened at the first record, so a failed resume writes nothing
 
   def _check_or_write_config(self) -> None:
     config_path = self.path / CONFIG_FILE
@@ -245,6 +242,10 @@ class RunDir:
   def log(self, record: dict[str, Any]) -> None:
     with open(self.path / METRICS_FILE, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self._tensorboard and self._tb is None:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(self.path / "tb"))
     if self._tb is not None:
       step = record.get("step", 0)
       prefix = "epoch" if record.get("kind") == "epoch" else "step"
@@ -280,6 +281,11 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
   state = jax.device_put(create_state(config, dataset, spec), NamedSharding(mesh, P()))
   run = RunDir(Path(workdir), config, config.tensorboard)
   start_epoch = run.latest_epoch() or 0
+  summary_path = Path(workdir) / SUMMARY_FILE
+  if start_epoch >= config.epochs and summary_path.exists():
+    state = run.restore(state, start_epoch)
+    run.close()
+    return json.loads(summary_path.read_text()), state
   if start_epoch:
     state = run.restore(state, start_epoch)
     run.log({"kind": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -47,3 +48,58 @@ def test_refresh_eigenvector_rejects_a_state_without_eigenvector(quadratic):
 
 def test_is_due_matches_the_in_step_schedule():
   assert [xsam_jax.is_due(i, 3) for i in range(7)] == [True, False, False, True, False, False, True]
+
+
+def _cos_to_dense_top(tiny_mlp, eigvec) -> float:
+  w, vecs = np.linalg.eigh(tiny_mlp.dense_hessian(tiny_mlp.params))
+  top = vecs[:, np.argmax(w)]  # largest algebraic, lambda_max
+  return abs(float(np.asarray(jax.flatten_util.ravel_pytree(eigvec)[0]) @ top))
+
+
+def test_lanczos_tracker_beats_power_iteration_for_the_same_hvp_count(tiny_mlp):
+  params = tiny_mlp.params
+  grads = jax.grad(tiny_mlp.loss)(params)
+  w, _ = np.linalg.eigh(tiny_mlp.dense_hessian(params))
+  cos = {}
+  for tracker in ("power", "lanczos"):
+    tx = xsam_jax.xsam(power_iters=8, tracker=tracker)
+    _, state = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(tiny_mlp.loss))
+    cos[tracker] = _cos_to_dense_top(tiny_mlp, state.eigvec)
+    if tracker == "lanczos":
+      # The Ritz value never exceeds lambda_max and is close to it.
+      assert float(state.eigval) <= w[-1] + 1e-4
+      np.testing.assert_allclose(state.eigval, w[-1], rtol=0.01)
+  assert cos["lanczos"] > cos["power"]
+  assert cos["lanczos"] > 0.99
+
+
+def test_lanczos_tracker_static_and_traced_paths_agree(tiny_mlp):
+  params = tiny_mlp.params
+  grads = jax.grad(tiny_mlp.loss)(params)
+  tx = xsam_jax.eigen_sam(power_iters=4, tracker="lanczos")
+  out = {}
+  for refresh in (None, True):
+    out[refresh] = jax.jit(
+      lambda s, refresh=refresh: tx.update(
+        grads, s, params, grad_fn=jax.grad(tiny_mlp.loss), refresh=refresh
+      )
+    )(tx.init(params))
+  chex.assert_trees_all_close(out[None], out[True], rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_eigenvector_accepts_the_lanczos_tracker(tiny_mlp):
+  tx = xsam_jax.xsam()
+  state = xsam_jax.refresh_eigenvector(
+    tx.init(tiny_mlp.params),
+    tiny_mlp.params,
+    jax.grad(tiny_mlp.loss),
+    power_iters=10,
+    tracker="lanczos",
+  )
+  assert _cos_to_dense_top(tiny_mlp, state.eigvec) > 0.999
+
+
+def test_unknown_tracker_raises_value_error():
+  for make in (xsam_jax.xsam, xsam_jax.eigen_sam):
+    with pytest.raises(ValueError, match="tracker"):
+      make(tracker="oja")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._eigvec import init_eigvec, maybe_refresh
+from xsam_jax._eigvec import check_tracker, init_eigvec, maybe_refresh
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
@@ -73,6 +73,7 @@ def eigen_sam(
   eps: float = DEFAULT_EPS,
   axis_name: str | None = None,
   seed: int = 0,
+  tracker: str = "power",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigen-SAM: SAM with the perturbation tilted towards the top Hessian eigenvector.
 
@@ -106,6 +107,10 @@ def eigen_sam(
     axis_name: inside ``shard_map``/``pmap``: ascent from the local gradient (m-sharpness),
       ``pmean`` of the returned gradient and of every HVP (one shared eigenvector).
     seed: seed of the random initial eigenvector.
+    tracker: how a refresh spends its ``power_iters`` HVPs: ``"power"`` (power iteration, as
+      in the papers' code) or ``"lanczos"`` (top Ritz pair of a Lanczos run warm-started from
+      the cached vector; same HVP count, better estimate, ``power_iters`` extra param-sized
+      buffers during the refresh). See ``benchmarks/RESULTS.md`` for HVPs-to-accuracy.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -134,6 +139,7 @@ def eigen_sam(
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM; 0.2 is the papers' default.")
   check_positive_int("refresh_every", refresh_every)
   check_positive_int("power_iters", power_iters)
+  check_tracker(tracker)
 
   def init_fn(params: PyTree) -> EigenSAMState:
     zero = jnp.zeros((), jnp.float32)
@@ -161,6 +167,7 @@ def eigen_sam(
       eps=eps,
       axis_name=axis_name,
       refresh=refresh,
+      tracker=tracker,
     )
     perturbation, cos, grad_norm = eigen_sam_perturbation(
       updates,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._eigvec import init_eigvec, maybe_refresh
+from xsam_jax._eigvec import check_tracker, init_eigvec, maybe_refresh
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
@@ -91,6 +91,7 @@ def xsam(
   eps: float = DEFAULT_EPS,
   axis_name: str | None = None,
   seed: int = 0,
+  tracker: str = "power",
 ) -> optax.GradientTransformationExtraArgs:
   r"""X-SAM: SAM with the perturbed gradient corrected along the top Hessian eigenvector.
 
@@ -143,6 +144,10 @@ def xsam(
       the perturbed gradient and every HVP are ``pmean``-ed, so all devices share one
       eigenvector and return the same corrected gradient.
     seed: seed of the random initial eigenvector.
+    tracker: how a refresh spends its ``power_iters`` HVPs: ``"power"`` (power iteration, as
+      in the papers' code) or ``"lanczos"`` (top Ritz pair of a Lanczos run warm-started from
+      the cached vector; same HVP count, better estimate, ``power_iters`` extra param-sized
+      buffers during the refresh). See ``benchmarks/RESULTS.md`` for HVPs-to-accuracy.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -173,6 +178,7 @@ def xsam(
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is (normalised) SAM; 0.2 is the paper's.")
   check_positive_int("refresh_every", refresh_every)
   check_positive_int("power_iters", power_iters)
+  check_tracker(tracker)
   if correction not in CORRECTIONS:
     raise ValueError(
       f"`correction` must be one of {CORRECTIONS}, got {correction!r}. 'projection' is the "
@@ -211,6 +217,7 @@ def xsam(
       eps=eps,
       axis_name=axis_name,
       refresh=refresh,
+      tracker=tracker,
     )
     perturbation, grad_norm = sam_perturbation(
       updates,

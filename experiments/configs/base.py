@@ -66,6 +66,7 @@ class TrainConfig:
   power_iters: int = 5  # q
   normalize: bool = True  # X-SAM: normalise the perturbed gradient (paper Eq. 11)
   correction: str = "projection"  # X-SAM: "projection" or "official"
+  tracker: str = "power"  # eigenvector refresh: "power" (papers) or "lanczos"
   eig_eval_mode: bool = True  # HVPs with eval-mode BatchNorm, as the papers' code
   refresh_path: str = "auto"  # "cond" (one compile), "static" (host decides), "auto"
   # Bookkeeping.
@@ -131,6 +132,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     ("dataset", config.dataset, (*DATASETS, "svhn_cropped")),
     ("refresh_path", config.refresh_path, REFRESH_PATHS),
     ("lr_schedule", config.lr_schedule, LR_SCHEDULES),
+    ("tracker", config.tracker, ("power", "lanczos")),
     ("compute_dtype", config.compute_dtype, ("float32", "bfloat16", "float16")),
   ]
   for name, value, choices in checks:
