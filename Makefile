@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Reuse XLA compilations across processes and runs (the CPU demo and tests compile a lot).
+export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(VENV))/xla-cache
 
 .PHONY: setup test demo lint format bench clean
 

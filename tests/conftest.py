@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# A persistent XLA compilation cache shared by the test processes (xdist workers and the
+# subprocesses the end-to-end tests start): set before JAX is imported.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "xsam_jax_xla_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import dataclasses
 
 import jax
