@@ -396,3 +396,25 @@ def test_nnx_step_runs_alike_under_nnx_jit_and_plain_jax_jit_of_split_merge():
   chex.assert_trees_all_close(
     nnx.as_pure(nnx.state(model, weights)), nnx.as_pure(nnx.state(split_state[0], weights))
   )
+
+
+def test_nnx_refresh_eigenvector_updates_the_optimizer_state_in_place():
+  from flax import nnx
+
+  class Quad(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones(3))
+
+    def __call__(self, x):
+      return x * self.w[...]
+
+  scales = jnp.array([5.0, 2.0, 1.0])
+  model = Quad()
+  optimizer = nnx.Optimizer(model, optax.chain(xsam_jax.xsam(), optax.sgd(0.1)), wrt=nnx.Param)
+  loss_fn = lambda m, x: 0.5 * jnp.sum(scales * m(x) ** 2)
+  out = training.nnx_grad_fns(model, loss_fn, jnp.ones(3))
+  training.nnx_refresh_eigenvector(optimizer, model, out.eig_grad_fn, power_iters=40)
+  state = nnx.as_pure(optimizer.opt_state)
+  np.testing.assert_allclose(optax.tree.get(state, "eigval"), 5.0, rtol=1e-4)
+  eigvec = jax.tree.leaves(optax.tree.get(state, "eigvec"))[0]
+  np.testing.assert_allclose(np.abs(eigvec), [1.0, 0.0, 0.0], atol=1e-3)

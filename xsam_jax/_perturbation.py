@@ -132,11 +132,13 @@ def check_update_args(method: str, params: PyTree | None, grad_fn: Callable | No
   if params is None:
     raise ValueError(
       f"{method}: `params` is required. Call `tx.update(grads, state, params, "
-      "grad_fn=...)`; with nnx.Optimizer or a TrainState they are passed for you."
+      "grad_fn=...)`; nnx.Optimizer and xsam_jax.training.TrainState pass them for you "
+      "(Flax's stock TrainState forwards no extra arguments)."
     )
   if grad_fn is None or not callable(grad_fn):
     raise ValueError(
       f"{method}: `grad_fn` is required as a keyword argument: a function `params -> grads` of "
-      "the same minibatch loss, e.g. `grad_fn=lambda p: jax.grad(loss)(p, batch)`. "
+      "the same minibatch loss, e.g. `grad_fn=lambda p: jax.grad(loss)(p, batch)`; with Flax "
+      "use xsam_jax.training.linen_grad_fns or nnx_grad_fns to build it. "
       f"Got {grad_fn!r}."
     )

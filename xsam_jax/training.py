@@ -23,6 +23,8 @@ Linen models are called as ``apply_fn({'params': p, 'batch_stats': s}, x, train=
 * :class:`TrainState` -- a Linen ``TrainState`` with ``batch_stats`` whose ``apply_gradients``
   forwards ``grad_fn``, ``eig_grad_fn``, ``refresh``... to ``tx.update``.
 * :func:`linen_grad_fns` -- the clean pass of a Linen model and its ``grad_fn``/``eig_grad_fn``.
+* :func:`nnx_refresh_eigenvector` -- :func:`xsam_jax.refresh_eigenvector` for the state of an
+  ``nnx.Optimizer`` (whose leaves are wrapped in Flax variables).
 
 A whole training step compiles once under ``nnx.jit`` or ``jax.jit``.
 
@@ -45,7 +47,14 @@ from flax.training import train_state
 PyTree = Any
 GradFn = Callable[[PyTree], PyTree]
 
-__all__ = ["LinenGradFns", "NNXGradFns", "TrainState", "linen_grad_fns", "nnx_grad_fns"]
+__all__ = [
+  "LinenGradFns",
+  "NNXGradFns",
+  "TrainState",
+  "linen_grad_fns",
+  "nnx_grad_fns",
+  "nnx_refresh_eigenvector",
+]
 
 
 def _split_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
@@ -373,3 +382,40 @@ def linen_grad_fns(
     grad_fn=grad_fn,
     eig_grad_fn=jax.grad(eval_loss),
   )
+
+
+def nnx_refresh_eigenvector(
+  optimizer: nnx.Optimizer, model: nnx.Module, grad_fn: GradFn, **kwargs: Any
+) -> None:
+  """Refreshes the cached eigenvector(s) in an ``nnx.Optimizer``'s state, in place.
+
+  :func:`xsam_jax.refresh_eigenvector` works on plain pytrees; an ``nnx.Optimizer`` keeps its
+  state in Flax variables. This converts to the pure form, refreshes, and writes back.
+
+  Args:
+    optimizer: an ``nnx.Optimizer`` whose transform contains :func:`xsam_jax.xsam` or
+      :func:`xsam_jax.eigen_sam`.
+    model: the model whose parameters (filtered by ``optimizer.wrt``) the Hessian is taken at.
+    grad_fn: ``params -> grads`` on the pure parameter state (e.g. ``out.eig_grad_fn`` of
+      :func:`nnx_grad_fns`).
+    **kwargs: forwarded to :func:`xsam_jax.refresh_eigenvector` (``power_iters``, ``tracker``,
+      ``unroll``, ...).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, xsam_jax
+    >>> from flax import nnx
+    >>> from xsam_jax import training
+    >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.chain(xsam_jax.xsam(), optax.sgd(0.1)),
+    ...                           wrt=nnx.Param)
+    >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> out = training.nnx_grad_fns(model, loss_fn, jnp.ones((4, 3)), jnp.zeros((4, 1)))
+    >>> training.nnx_refresh_eigenvector(optimizer, model, out.eig_grad_fn, power_iters=10)
+  """
+  import xsam_jax
+
+  params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+  new_state = xsam_jax.refresh_eigenvector(
+    nnx.as_pure(optimizer.opt_state), params, grad_fn, **kwargs
+  )
+  nnx.update(optimizer.opt_state, nnx.state(new_state))

@@ -1,0 +1,61 @@
+"""Tests for experiments.configs: every config loads, the recipe's numbers, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments.configs.base import (
+  OPTIMIZERS,
+  TrainConfig,
+  apply_overrides,
+  load_config,
+  paper_recipe,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_config_file_loads_for_every_optimizer(path):
+  for name in OPTIMIZERS:
+    config = load_config(f"{path}:{name}")
+    assert config.optimizer == name
+
+
+def test_paper_recipe_numbers_follow_the_papers():
+  c10 = paper_recipe("cifar10", "resnet18", "xsam")
+  assert (c10.epochs, c10.batch_size, c10.lr, c10.momentum) == (200, 256, 0.1, 0.9)
+  assert (c10.rho, c10.alpha, c10.refresh_every, c10.power_iters) == (0.05, 0.2, 3, 5)
+  assert paper_recipe("cifar100", "resnet18", "sam").rho == 0.1
+  assert paper_recipe("cifar10", "wrn28_10", "eigen_sam").refresh_every == 100
+
+
+def test_overrides_are_typed_by_the_field():
+  config = apply_overrides(
+    TrainConfig(), ["epochs=3", "rho=0.1", "normalize=false", "data_dir=none", "model=resnet18"]
+  )
+  assert config.epochs == 3 and config.rho == 0.1 and config.normalize is False
+  assert config.data_dir is None and config.model == "resnet18"
+
+
+@pytest.mark.parametrize(
+  ("override", "match"),
+  [
+    ("epochs", "name=value"),
+    ("lr=fast", "lr"),
+    ("normalize=maybe", "true or false"),
+    ("tracker=oja", "unknown tracker"),
+    ("bogus=1", "unknown config field"),
+  ],
+)
+def test_bad_overrides_raise_value_error(override, match):
+  with pytest.raises(ValueError, match=match):
+    apply_overrides(TrainConfig(), [override])
+
+
+def test_missing_config_file_raises_value_error():
+  with pytest.raises(ValueError, match="no such file"):
+    load_config("experiments/configs/nope.py:sgd")
