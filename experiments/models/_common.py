@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -48,3 +49,24 @@ def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 def logits(x: jnp.ndarray) -> jnp.ndarray:
   """Return the head output in float32 whatever the computation dtype, for a stable loss."""
   return jnp.asarray(x, jnp.float32)
+
+
+def conv(
+  features: int,
+  kernel_size: int,
+  stride: int,
+  dtype: Dtype,
+  name: str,
+  kernel_init: Callable[..., jnp.ndarray] | None = None,
+) -> nn.Conv:
+  """A bias-free square convolution with PyTorch's symmetric padding (ResNet and WRN layers)."""
+  return nn.Conv(
+    features,
+    (kernel_size, kernel_size),
+    strides=(stride, stride),
+    padding=torch_padding(kernel_size),
+    use_bias=False,
+    kernel_init=kernel_init or torch_default_kernel_init,
+    dtype=dtype,
+    name=name,
+  )

@@ -28,23 +28,14 @@ import jax.numpy as jnp
 from experiments.models._common import (
   Dtype,
   batch_norm,
+  conv,
   logits,
   torch_default_kernel_init,
-  torch_padding,
 )
 
 
 def _conv(features: int, kernel_size: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
-  return nn.Conv(
-    features,
-    (kernel_size, kernel_size),
-    strides=(stride, stride),
-    padding=torch_padding(kernel_size),
-    use_bias=False,
-    kernel_init=torch_default_kernel_init,
-    dtype=dtype,
-    name=name,
-  )
+  return conv(features, kernel_size, stride, dtype, name)
 
 
 class Shortcut(nn.Module):

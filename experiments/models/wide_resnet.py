@@ -22,24 +22,15 @@ import jax.numpy as jnp
 from experiments.models._common import (
   Dtype,
   batch_norm,
+  conv,
   kaiming_normal_fan_out,
   logits,
   torch_default_kernel_init,
-  torch_padding,
 )
 
 
 def _conv(features: int, kernel_size: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
-  return nn.Conv(
-    features,
-    (kernel_size, kernel_size),
-    strides=(stride, stride),
-    padding=torch_padding(kernel_size),
-    use_bias=False,
-    kernel_init=kaiming_normal_fan_out,
-    dtype=dtype,
-    name=name,
-  )
+  return conv(features, kernel_size, stride, dtype, name, kaiming_normal_fan_out)
 
 
 class WideBlock(nn.Module):
