@@ -29,6 +29,41 @@ class OptimizerSpec:
   refresh_every: int
 
 
+def sharpness_method(
+  method: str,
+  *,
+  rho: float,
+  alpha: float = 0.2,
+  eta: float = 0.01,
+  refresh_every: int = 5,
+  power_iters: int = 5,
+  normalize: bool = True,
+  correction: str = "projection",
+  seed: int = 0,
+  tracker: str = "power",
+) -> optax.GradientTransformationExtraArgs | None:
+  """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term)."""
+  if method in ("sgd", "adamw"):
+    return None
+  if method in ("sam", "asam"):
+    return xsam_jax.sam(rho=rho, adaptive=method == "asam", eta=eta)
+  eig = dict(
+    rho=rho,
+    alpha=alpha,
+    refresh_every=refresh_every,
+    power_iters=power_iters,
+    seed=seed,
+    tracker=tracker,
+  )
+  if method == "eigen_sam":
+    return xsam_jax.eigen_sam(**eig)
+  if method == "xsam":
+    return xsam_jax.xsam(**eig, normalize=normalize, correction=correction)
+  raise ValueError(
+    f"unknown sharpness method {method!r}; choose one of sgd, sam, asam, eigen_sam, xsam"
+  )
+
+
 def learning_rate(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
   """The learning-rate schedule over steps.
 
@@ -56,6 +91,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
   schedule = learning_rate(config, steps_per_epoch)
   adamw = config.optimizer.endswith("adamw")
   method = config.optimizer.removesuffix("_adamw") if adamw else config.optimizer
+  method = "adamw" if method == "adamw" else method
   if adamw:
     base = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
   else:
@@ -63,31 +99,18 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
     )
-  sharp = None
-  if method == "sam":
-    sharp = xsam_jax.sam(rho=config.rho)
-  elif method == "asam":
-    sharp = xsam_jax.sam(rho=config.rho, adaptive=True, eta=config.eta)
-  elif method == "eigen_sam":
-    sharp = xsam_jax.eigen_sam(
-      rho=config.rho,
-      alpha=config.alpha,
-      refresh_every=config.refresh_every,
-      power_iters=config.power_iters,
-      seed=config.seed,
-      tracker=config.tracker,
-    )
-  elif method == "xsam":
-    sharp = xsam_jax.xsam(
-      rho=config.rho,
-      alpha=config.alpha,
-      refresh_every=config.refresh_every,
-      power_iters=config.power_iters,
-      normalize=config.normalize,
-      correction=config.correction,
-      seed=config.seed,
-      tracker=config.tracker,
-    )
+  sharp = sharpness_method(
+    method,
+    rho=config.rho,
+    alpha=config.alpha,
+    eta=config.eta,
+    refresh_every=config.refresh_every,
+    power_iters=config.power_iters,
+    normalize=config.normalize,
+    correction=config.correction,
+    seed=config.seed,
+    tracker=config.tracker,
+  )
   tx = base if sharp is None else optax.chain(sharp, base)
   return OptimizerSpec(
     tx=tx,
