@@ -74,7 +74,7 @@ def _ritz_prefix_cosines(alphas, betas, basis, ref: np.ndarray) -> list[float]:
   out = []
   for m in range(1, len(a) + 1):
     t = np.diag(a[:m]) + np.diag(b[: m - 1], 1) + np.diag(b[: m - 1], -1)
-    w, s = np.linalg.eigh(t)
+    _, s = np.linalg.eigh(t)
     u = s[:, -1] @ basis_flat[:m]
     out.append(abs(u @ ref) / np.linalg.norm(u))
   return out
@@ -174,14 +174,10 @@ def _fmt(n: int | None, cap: int) -> str:
 
 def to_markdown(results: list[dict], command: str, ref_iters: int) -> str:
   """The RESULTS.md section of this benchmark."""
-  cpu = (
-    next(
-      (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-      platform.processor(),
-    )
-    if platform.system() == "Linux"
-    else platform.processor()
-  )
+  cpu = platform.processor()
+  if platform.system() == "Linux":
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), cpu)
   lines = [
     "## Eigenvector trackers: HVPs to reach |cos| >= 0.99",
     "",
