@@ -603,7 +603,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog="python -m experiments.analysis.angles", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--config", default="experiments/configs/digits_simple_cnn.py")
+  common.add_run_args(parser)
   parser.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS, help="comma-separated")
   parser.add_argument("--every", type=int, default=20, help="measure every N steps")
   parser.add_argument("--lanczos_iters", type=int, default=30, help="Lanczos steps, full H")
@@ -611,12 +611,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--per_layer", choices=PER_LAYER_MODES, default="block")
   parser.add_argument("--max_steps", type=int, default=None, help="stop each run early")
   parser.add_argument("--out", default="experiments/figures/angles.png")
-  parser.add_argument(
-    "--jax_cache",
-    default=common.default_cache_dir(),
-    help="persistent JAX compilation cache directory ('' leaves JAX's setting alone)",
-  )
-  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
   return parser.parse_args(argv)
 
 

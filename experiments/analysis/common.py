@@ -8,6 +8,7 @@ sweep interrupted at any point is resumed by running the same command again.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -224,3 +225,14 @@ def enable_compilation_cache(path: str | Path | None) -> None:
   Path(path).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+  """The arguments every analysis script shares: ``--config``, ``--jax_cache`` and ``--set``."""
+  parser.add_argument("--config", default="experiments/configs/digits_simple_cnn.py")
+  parser.add_argument(
+    "--jax_cache",
+    default=default_cache_dir(),
+    help="persistent JAX compilation cache directory ('' leaves JAX's setting alone)",
+  )
+  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")

@@ -156,17 +156,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog="python -m experiments.analysis.lambda_trace", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--config", default="experiments/configs/digits_simple_cnn.py")
+  common.add_run_args(parser)
   parser.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS, help="comma-separated")
   parser.add_argument("--seeds", default="0", help="comma-separated seeds")
   parser.add_argument("--root", default="runs/lambda_trace", help="directory of the runs")
   parser.add_argument("--out", default="experiments/figures/lambda_trace.png")
-  parser.add_argument(
-    "--jax_cache",
-    default=common.default_cache_dir(),
-    help="persistent JAX compilation cache directory ('' leaves JAX's setting alone)",
-  )
-  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
   return parser.parse_args(argv)
 
 

@@ -337,7 +337,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog="python -m experiments.analysis.sweep", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--config", default="experiments/configs/digits_simple_cnn.py")
+  common.add_run_args(parser)
   parser.add_argument("--groups", default=DEFAULT_GROUPS, help=f"comma-separated of {GROUPS}")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
   parser.add_argument("--rhos", default=DEFAULT_RHOS, help="SAM ρ values")
@@ -347,12 +347,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--root", default="runs/sweep", help="directory of the runs")
   parser.add_argument("--out", default="experiments/figures/sweep.png")
   parser.add_argument("--dry_run", action="store_true", help="list the runs and exit")
-  parser.add_argument(
-    "--jax_cache",
-    default=common.default_cache_dir(),
-    help="persistent JAX compilation cache directory ('' leaves JAX's setting alone)",
-  )
-  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
   return parser.parse_args(argv)
 
 
