@@ -43,7 +43,7 @@ lambda-trace: $(STAMP)
 	$(BIN)/python -m experiments.analysis.lambda_trace --optimizers sgd,sam,eigen_sam,xsam --set epochs=20 --out experiments/figures/lambda_trace_digits.png
 
 sweep: $(STAMP)
-	$(BIN)/python -m experiments.analysis.sweep --root runs/sweep_digits --seeds 0,1 --groups sgd,sam_rho,xsam_alpha,xsam_pq --set epochs=20 --set lambda_max_every=0 --out experiments/figures/sweep_digits.png
+	$(BIN)/python -m experiments.analysis.sweep --root runs/sweep_digits --seeds 0,1,2 --groups sgd,sam_rho,xsam_alpha,xsam_pq,xsam_variants --set epochs=20 --set lambda_max_every=0 --out experiments/figures/sweep_digits.png
 
 transformer: $(STAMP)
 	$(BIN)/python -m experiments.transformer --optimizers adamw,sam_adamw,xsam_adamw --seeds 0,1,2 --steps 1500 --out experiments/figures/transformer.png
