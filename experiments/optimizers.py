@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -20,13 +22,55 @@ class OptimizerSpec:
     needs_grad_fn: the first link is a sharpness method (pass ``grad_fn``).
     tracks_eigvec: the first link caches a Hessian eigenvector (pass ``eig_grad_fn`` and,
       on the static path, ``refresh``).
-    refresh_every: the eigenvector refresh period (for the host-side static path).
+    refresh_every: the eigenvector refresh period in steps, as the transform uses it (the
+      host-side static path must decide with the same number: ``is_due(step, refresh_every)``).
   """
 
   tx: optax.GradientTransformationExtraArgs
   needs_grad_fn: bool
   tracks_eigvec: bool
   refresh_every: int
+
+
+# ASAM's official code (SamsungLabs/ASAM, ``asam.py``) applies T_w = |w| + eta only to the
+# parameters whose PyTorch name contains 'weight': ``nn.Conv2d``/``nn.Linear`` weights, BatchNorm
+# (and LayerNorm) weights, and ``nn.Embedding`` weights. Flax Linen names those leaves:
+ASAM_SCALED_LEAVES = ("kernel", "scale", "embedding")
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str | None:
+  """The last key of a pytree path (``'kernel'`` for ``params['conv1']['kernel']``)."""
+  if not path:
+    return None
+  last = path[-1]
+  for attr in ("key", "name", "idx"):
+    if hasattr(last, attr):
+      return str(getattr(last, attr))
+  return str(last)
+
+
+def asam_mask(params: Any) -> Any:
+  r"""Which leaves ASAM rescales, as the official code: a pytree of bools shaped like params.
+
+  True on Flax Linen leaves named ``kernel`` (convolution and dense weights), ``scale``
+  (BatchNorm/LayerNorm weights) and ``embedding`` (``nn.Embed``): the parameters whose PyTorch
+  name contains ``'weight'``, which the official ASAM code rescales by :math:`T_w = |w|+\eta`.
+  False elsewhere (``bias``, and parameters declared with ``self.param`` under other names, such
+  as a positional embedding), where :math:`T = 1`. A bare array (no name) is rescaled, like the
+  library's default. Pass it as ``xsam_jax.sam(adaptive=True, adaptive_mask=asam_mask)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> asam_mask({"conv": {"kernel": jnp.ones(3)}, "bn": {"scale": jnp.ones(2),
+    ...            "bias": jnp.zeros(2)}})
+    {'bn': {'bias': False, 'scale': True}, 'conv': {'kernel': True}}
+  """
+
+  def scaled(path: tuple[Any, ...], _: Any) -> bool:
+    name = _leaf_name(path)
+    return name is None or name in ASAM_SCALED_LEAVES
+
+  return jax.tree_util.tree_map_with_path(scaled, params)
 
 
 def sharpness_method(
@@ -42,11 +86,17 @@ def sharpness_method(
   seed: int = 0,
   tracker: str = "power",
 ) -> optax.GradientTransformationExtraArgs | None:
-  """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term)."""
+  """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term).
+
+  ``asam`` rescales only the leaves :func:`asam_mask` selects (weights, not biases), as the
+  official ASAM code does.
+  """
   if method in ("sgd", "adamw"):
     return None
-  if method in ("sam", "asam"):
-    return xsam_jax.sam(rho=rho, adaptive=method == "asam", eta=eta)
+  if method == "sam":
+    return xsam_jax.sam(rho=rho)
+  if method == "asam":
+    return xsam_jax.sam(rho=rho, adaptive=True, eta=eta, adaptive_mask=asam_mask)
   eig = dict(
     rho=rho,
     alpha=alpha,
@@ -92,6 +142,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
   adamw = config.optimizer.endswith("adamw")
   method = config.optimizer.removesuffix("_adamw") if adamw else config.optimizer
   method = "adamw" if method == "adamw" else method
+  refresh_every = steps_per_epoch if config.refresh_once_per_epoch else config.refresh_every
   if adamw:
     base = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
   else:
@@ -104,7 +155,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     rho=config.rho,
     alpha=config.alpha,
     eta=config.eta,
-    refresh_every=config.refresh_every,
+    refresh_every=refresh_every,
     power_iters=config.power_iters,
     normalize=config.normalize,
     correction=config.correction,
@@ -116,5 +167,5 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     tx=tx,
     needs_grad_fn=sharp is not None,
     tracks_eigvec=method in ("eigen_sam", "xsam"),
-    refresh_every=config.refresh_every,
+    refresh_every=refresh_every,
   )

@@ -197,7 +197,8 @@ class RunDir:
   def _check_or_write_config(self) -> None:
     config_path = self.path / CONFIG_FILE
     if config_path.exists():
-      saved = json.loads(config_path.read_text())
+      # A field added to TrainConfig after the run started reads as its default there.
+      saved = {**dataclasses.asdict(TrainConfig()), **json.loads(config_path.read_text())}
       current = dataclasses.asdict(self.config)
       differ = sorted(
         k
@@ -221,6 +222,13 @@ class RunDir:
 
   def latest_epoch(self) -> int | None:
     return self.manager.latest_step()
+
+  def last_epoch_record(self) -> dict[str, Any]:
+    """The last ``kind == "epoch"`` record of ``metrics.jsonl`` ({} if none)."""
+    path = self.path / METRICS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return next((r for r in reversed(records) if r.get("kind") == "epoch"), {})
 
   def restore(self, state: training.TrainState, epoch: int) -> training.TrainState:
     abstract = jax.tree.map(
@@ -264,7 +272,12 @@ class RunDir:
 
 
 def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int | None = None):
-  """Trains (or resumes) one run; returns the summary dict (also written to summary.json)."""
+  """Trains (or resumes) one run; returns ``(summary, state)``, the summary also in summary.json.
+
+  The summary is None when the run stopped early (``max_epochs_this_run``). A finished run
+  returns its summary without training; if it was killed after its last checkpoint but before
+  writing ``summary.json``, the rerun computes the summary from that checkpoint.
+  """
   start_time = time.time()
   dataset = data_lib.load_dataset(
     config.dataset, data_dir=config.data_dir, label_noise=config.label_noise, seed=config.seed
@@ -282,15 +295,24 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
   run = RunDir(Path(workdir), config, config.tensorboard)
   start_epoch = run.latest_epoch() or 0
   summary_path = Path(workdir) / SUMMARY_FILE
-  if start_epoch >= config.epochs and summary_path.exists():
+  static = spec.tracks_eigvec and use_static_refresh(config)
+  if start_epoch >= config.epochs:
     state = run.restore(state, start_epoch)
+    if summary_path.exists():
+      summary = json.loads(summary_path.read_text())
+    else:
+      # Killed after the last checkpoint but before the summary: finish it from that
+      # checkpoint (evaluation and lambda_max are deterministic) without training again.
+      record = {**run.last_epoch_record(), **evaluate(state, dataset, config.batch_size, mesh)}
+      lam = lambda_max(state, dataset, config)
+      summary = _summary(config, spec, static, state, record, lam, start_time, 0.0)
+      summary_path.write_text(json.dumps(summary, indent=2))
     run.close()
-    return json.loads(summary_path.read_text()), state
+    return summary, state
   if start_epoch:
     state = run.restore(state, start_epoch)
     run.log({"kind": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})
   train_step = make_train_step(config, spec)
-  static = spec.tracks_eigvec and use_static_refresh(config)
   total_steps = config.epochs * steps_per_epoch
   progress = _progress(config, total_steps, start_epoch * steps_per_epoch)
   stop_epoch = config.epochs
@@ -350,26 +372,41 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
     progress.close()
   summary = None
   if stop_epoch == config.epochs and record:
-    summary = {
-      "dataset": config.dataset,
-      "model": config.model,
-      "optimizer": config.optimizer,
-      "label_noise": config.label_noise,
-      "epochs": config.epochs,
-      "test_accuracy": record.get("test_accuracy"),
-      "test_loss": record.get("test_loss"),
-      "final_lambda_max": lam,
-      "final_train_loss": record.get("train_loss"),
-      "num_params": count_params(state.params),
-      "wall_seconds_this_run": time.time() - start_time,
-      "train_seconds_this_run": train_seconds,
-      "refresh_path": ("static" if static else "cond") if spec.tracks_eigvec else None,
-      "backend": jax.default_backend(),
-      "devices": jax.device_count(),
-    }
-    (Path(workdir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    summary = _summary(config, spec, static, state, record, lam, start_time, train_seconds)
+    summary_path.write_text(json.dumps(summary, indent=2))
   run.close()
   return summary, state
+
+
+def _summary(
+  config: TrainConfig,
+  spec: OptimizerSpec,
+  static: bool,
+  state: training.TrainState,
+  record: dict[str, Any],
+  lam: float,
+  start_time: float,
+  train_seconds: float,
+) -> dict[str, Any]:
+  """The ``summary.json`` of a finished run from its last epoch ``record`` and lambda_max."""
+  return {
+    "dataset": config.dataset,
+    "model": config.model,
+    "optimizer": config.optimizer,
+    "label_noise": config.label_noise,
+    "epochs": config.epochs,
+    "test_accuracy": record.get("test_accuracy"),
+    "test_loss": record.get("test_loss"),
+    "final_lambda_max": lam,
+    "final_train_loss": record.get("train_loss"),
+    "num_params": count_params(state.params),
+    "wall_seconds_this_run": time.time() - start_time,
+    "train_seconds_this_run": train_seconds,
+    "refresh_path": ("static" if static else "cond") if spec.tracks_eigvec else None,
+    "refresh_every": spec.refresh_every if spec.tracks_eigvec else None,
+    "backend": jax.default_backend(),
+    "devices": jax.device_count(),
+  }
 
 
 def _progress(config: TrainConfig, total: int, initial: int):

@@ -13,6 +13,7 @@ from experiments.configs.base import (
   load_config,
   paper_recipe,
 )
+from experiments.optimizers import build_optimizer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
@@ -33,12 +34,33 @@ def test_paper_recipe_numbers_follow_the_papers():
   assert paper_recipe("cifar10", "wrn28_10", "eigen_sam").refresh_every == 100
 
 
+@pytest.mark.parametrize("optimizer", ["asam", "asam_adamw"])
+def test_asam_recipe_uses_the_asam_readme_rho_and_the_class_default_eta(optimizer):
+  assert paper_recipe("cifar10", "resnet18", optimizer).rho == 0.5
+  assert paper_recipe("cifar100", "resnet18", optimizer).rho == 1.0
+  assert paper_recipe("cifar10", "wrn28_10", optimizer).eta == 0.01
+  assert paper_recipe("cifar10", "resnet18", optimizer.replace("asam", "sam")).rho == 0.05
+
+
+def test_eigen_sam_recipe_refreshes_once_per_epoch_like_the_official_code():
+  # Official code: `step % 100 == 0 and step > 0` on the batch index within the epoch, with
+  # 50000 // 256 = 195 batches: once per epoch, not every 100 steps.
+  for optimizer in ("eigen_sam", "eigen_sam_adamw"):
+    config = paper_recipe("cifar100", "resnet18", optimizer)
+    assert config.refresh_once_per_epoch and config.refresh_every == 100
+    assert build_optimizer(config, steps_per_epoch=195).refresh_every == 195
+  xsam = paper_recipe("cifar10", "resnet18", "xsam")
+  assert not xsam.refresh_once_per_epoch
+  assert build_optimizer(xsam, steps_per_epoch=195).refresh_every == 3
+
+
 def test_overrides_are_typed_by_the_field():
   config = apply_overrides(
     TrainConfig(), ["epochs=3", "rho=0.1", "normalize=false", "data_dir=none", "model=resnet18"]
   )
   assert config.epochs == 3 and config.rho == 0.1 and config.normalize is False
   assert config.data_dir is None and config.model == "resnet18"
+  assert apply_overrides(TrainConfig(), ["refresh_once_per_epoch=true"]).refresh_once_per_epoch
 
 
 @pytest.mark.parametrize(

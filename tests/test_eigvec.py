@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -103,3 +104,37 @@ def test_unknown_tracker_raises_value_error():
   for make in (xsam_jax.xsam, xsam_jax.eigen_sam):
     with pytest.raises(ValueError, match="tracker"):
       make(tracker="oja")
+
+
+@pytest.mark.parametrize("tracker", ["power", "lanczos"])
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e3])
+def test_refreshed_eigenvector_has_exactly_unit_length(tracker, scale):
+  # Dividing by ||Hv|| + eps would leave it 0.1% short at scale 1e-9.
+  loss = lambda w: 0.5 * scale * jnp.sum(jnp.array([4.0, 1.0, 0.5]) * w**2)
+  params = jnp.ones(3)
+  tx = xsam_jax.xsam(power_iters=3, tracker=tracker)
+  _, state = tx.update(jax.grad(loss)(params), tx.init(params), params, grad_fn=jax.grad(loss))
+  np.testing.assert_allclose(optax.tree.norm(state.eigvec), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(state.eigval / scale, 4.0, rtol=0.2)
+
+
+def test_eigenvector_is_kept_unchanged_when_the_hessian_product_is_below_eps():
+  loss = lambda w: 0.5 * 1e-14 * jnp.sum(w**2)  # ||Hv|| = 1e-14 < eps = 1e-12
+  params = jnp.ones(3)
+  tx = xsam_jax.xsam(power_iters=3)
+  state0 = tx.init(params)
+  _, state = tx.update(jax.grad(loss)(params), state0, params, grad_fn=jax.grad(loss))
+  np.testing.assert_array_equal(state.eigvec, state0.eigvec)
+
+
+def test_power_tracker_follows_largest_magnitude_and_lanczos_largest_algebraic():
+  # A saddle whose negative eigenvalue dominates: lambda = -5, 2, 1, 0.5.
+  diag = jnp.array([-5.0, 2.0, 1.0, 0.5])
+  loss = lambda w: 0.5 * jnp.sum(diag * w**2)
+  params = jnp.array([0.3, -0.2, 0.5, 1.0])
+  grads = jax.grad(loss)(params)
+  for tracker, iters, want_val, want_axis in [("power", 60, -5.0, 0), ("lanczos", 4, 2.0, 1)]:
+    tx = xsam_jax.xsam(power_iters=iters, tracker=tracker)
+    _, state = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(loss))
+    np.testing.assert_allclose(state.eigval, want_val, rtol=1e-4)
+    np.testing.assert_allclose(abs(state.eigvec[want_axis]), 1.0, rtol=1e-4)

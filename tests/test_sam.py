@@ -177,16 +177,3 @@ def test_missing_params_or_grad_fn_raise_value_error_naming_the_fix(quadratic):
     tx.update(grads, tx.init(params), None, grad_fn=jax.grad(quadratic.loss))
   with pytest.raises(ValueError, match="grad_fn"):
     tx.update(grads, tx.init(params), params)
-
-
-def test_multisteps_accumulates_sam_gradients(quadratic):
-  inner = optax.chain(xsam_jax.sam(rho=0.1), optax.sgd(0.1))
-  tx = optax.MultiSteps(inner, every_k_schedule=2)
-  params = quadratic.params
-  state = tx.init(params)
-  grads = jax.grad(quadratic.loss)(params)
-  u1, state = tx.update(grads, state, params, grad_fn=jax.grad(quadratic.loss))
-  u2, state = tx.update(grads, state, params, grad_fn=jax.grad(quadratic.loss))
-  chex.assert_trees_all_equal(u1, jax.tree.map(jnp.zeros_like, u1))
-  x = quadratic.flat(params)
-  np.testing.assert_allclose(quadratic.flat(u2), -0.1 * _np_sam_grad(quadratic, x, 0.1), rtol=1e-5)

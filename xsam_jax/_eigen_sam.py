@@ -10,16 +10,18 @@ import jax.numpy as jnp
 import optax
 
 from xsam_jax._eigvec import check_tracker, init_eigvec, maybe_refresh
+from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
-  ascent_point,
   check_positive_int,
   check_range,
   check_update_args,
+  keep_dtypes,
   normalize,
-  pmean_if,
+  perturbed_gradient,
   read_hyperparam,
+  scalar_dtype,
   tree_cast_like,
   tree_vdot,
 )
@@ -31,13 +33,20 @@ class EigenSAMState(NamedTuple):
   """State of :func:`eigen_sam`.
 
   Attributes:
-    count: number of updates applied so far (int32 scalar); the eigenvector is refreshed when
-      ``count % refresh_every == 0`` (step 0 included).
-    eigvec: unit estimate of the top Hessian eigenvector, shaped like params (float32).
-    eigval: Rayleigh quotient of the eigenvector estimate at the last refresh (float32).
+    count: number of ``update`` calls so far (int32 scalar), micro-batches included; the
+      eigenvector is refreshed when ``count % (refresh_every * accumulation_steps) == 0``
+      (step 0 included).
+    eigvec: unit estimate of the top Hessian eigenvector, shaped like params (float32; float64
+      for float64 params). Exactly unit length after every refresh.
+    eigval: at the last refresh, the Rayleigh quotient :math:`\\langle v, Hv\rangle` of the
+      last iterate that was multiplied by the Hessian (``tracker="power"``; free, no extra
+      HVP), or the top Ritz value (``tracker="lanczos"``). Scalar in the state's float dtype.
     cos: cosine between the clean gradient and ``eigvec`` at the last step (signed; the sign of
-      ``eigvec`` is arbitrary).
-    grad_norm: global L2 norm of the clean gradient at the last step.
+      ``eigvec`` is arbitrary). With ``axis_name``: the mean over devices.
+    grad_norm: global L2 norm of the clean gradient at the last step. With ``axis_name``: the
+      mean over devices of the local norms.
+
+  Every scalar is float32, or float64 for float64 params; dtypes never change across steps.
   """
 
   count: chex.Array
@@ -74,6 +83,7 @@ def eigen_sam(
   axis_name: str | None = None,
   seed: int = 0,
   tracker: str = "power",
+  accumulation_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigen-SAM: SAM with the perturbation tilted towards the top Hessian eigenvector.
 
@@ -97,28 +107,46 @@ def eigen_sam(
   ``refresh=True``/``False`` to ``update`` to decide on the host instead (straight-line HVPs;
   much faster for convolutions on XLA:CPU, see the README).
 
+  The official code's cadence differs: it refreshes at batch index 100 of every epoch
+  (``step % 100 == 0 and step > 0`` with ``step`` restarting each epoch), i.e. once per epoch,
+  and perturbs with the raw :math:`\rho g` until the first refresh. ``refresh_every`` set to
+  the steps per epoch gives the same frequency (``experiments/configs`` does this for the
+  papers' recipe); the phase (batch 0 here) and the first-epoch perturbation still differ.
+
+  Data parallel (``axis_name``) and gradient accumulation (``accumulation_steps``) work as in
+  :func:`~xsam_jax.sam`; the eigenvector is shared by all devices (HVPs are means over
+  devices) and refreshed on the first micro-batch of an optimizer step.
+
   Args:
     rho: neighbourhood radius :math:`\rho \ge 0`, float or schedule.
     alpha: tilt strength in :math:`[0, 2]`, float or schedule (the paper tunes it in
       {0.05, 0.1, 0.2}).
-    refresh_every: refresh period :math:`p` in steps, Python int >= 1 (official code: 100).
+    refresh_every: refresh period :math:`p` in optimizer steps, Python int >= 1 (official
+      code: ``freq=100`` within each epoch, which is once per epoch; see above).
     power_iters: HVPs per refresh :math:`q`, Python int >= 1 (official code: 5).
     eps: added to every norm before division.
     axis_name: inside ``shard_map``/``pmap``: ascent from the local gradient (m-sharpness),
-      ``pmean`` of the returned gradient and of every HVP (one shared eigenvector).
+      ``pmean`` of the returned gradient, of every HVP (one shared eigenvector) and of the
+      state's scalars.
     seed: seed of the random initial eigenvector.
-    tracker: how a refresh spends its ``power_iters`` HVPs: ``"power"`` (power iteration, as
-      in the papers' code) or ``"lanczos"`` (top Ritz pair of a Lanczos run warm-started from
-      the cached vector; same HVP count, better estimate, ``power_iters`` extra param-sized
-      buffers during the refresh). See ``benchmarks/RESULTS.md`` for HVPs-to-accuracy.
+    tracker: how a refresh spends its ``power_iters`` HVPs. ``"power"`` (the papers' code)
+      converges to the eigenvector of largest *magnitude*, a negative eigenvalue's when one
+      dominates (then ``eigval < 0``); ``"lanczos"`` (top Ritz pair of a Lanczos run
+      warm-started from the cached vector, ``power_iters`` extra param-sized buffers during the
+      refresh) targets the largest *algebraic* eigenvalue. See ``benchmarks/RESULTS.md``.
+    accumulation_steps: micro-batches per optimizer step when followed by
+      ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``: refresh on the first
+      micro-batch of every ``refresh_every``-th optimizer step; schedules read
+      ``count // accumulation_steps``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
     grad_fn, eig_grad_fn=None, refresh=None, **extra)``.
 
   Raises:
-    ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every`` or
-      ``power_iters`` < 1, and when ``params`` or ``grad_fn`` is missing.
+    ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every``,
+      ``power_iters`` or ``accumulation_steps`` < 1, when ``params`` or ``grad_fn`` is
+      missing, and for data-parallel misuse (see :func:`~xsam_jax.sam`).
 
   References:
     Luo, Truong, Pham, Harandi, Phung & Le, "Explicit Eigenvalue Regularization Improves
@@ -139,23 +167,28 @@ def eigen_sam(
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM; 0.2 is the papers' default.")
   check_positive_int("refresh_every", refresh_every)
   check_positive_int("power_iters", power_iters)
+  check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
   check_tracker(tracker)
 
   def init_fn(params: PyTree) -> EigenSAMState:
-    zero = jnp.zeros((), jnp.float32)
-    return EigenSAMState(
+    zero = jnp.zeros((), scalar_dtype(params))
+    state = EigenSAMState(
       count=jnp.zeros((), jnp.int32),
       eigvec=init_eigvec(params, seed),
       eigval=zero,
       cos=zero,
       grad_norm=zero,
     )
+    return place_state(state, params, state.eigvec)
 
   def update_fn(
     updates, state, params=None, *, grad_fn=None, eig_grad_fn=None, refresh=None, **extra_args
   ):
     del extra_args
     check_update_args("xsam_jax.eigen_sam", params, grad_fn)
+    check_clean_gradient(updates, "xsam_jax.eigen_sam", axis_name)
+    dtype = scalar_dtype(params)
+    step = state.count // accumulation_steps
     eigval, eigvec = maybe_refresh(
       state.eigval,
       state.eigvec,
@@ -168,15 +201,17 @@ def eigen_sam(
       axis_name=axis_name,
       refresh=refresh,
       tracker=tracker,
+      accumulation_steps=accumulation_steps,
     )
     perturbation, cos, grad_norm = eigen_sam_perturbation(
       updates,
       eigvec,
-      read_hyperparam(rho, state.count),
-      read_hyperparam(alpha, state.count),
+      read_hyperparam(rho, step, dtype),
+      read_hyperparam(alpha, step, dtype),
       eps,
     )
-    adv_grads = pmean_if(grad_fn(ascent_point(params, perturbation)), axis_name)
+    adv_grads = perturbed_gradient(grad_fn, params, perturbation, axis_name)
+    cos, grad_norm = device_mean((cos, grad_norm), axis_name, what="the gradient norm")
     new_state = EigenSAMState(
       count=optax.safe_increment(state.count),
       eigvec=eigvec,
@@ -184,6 +219,6 @@ def eigen_sam(
       cos=cos,
       grad_norm=grad_norm,
     )
-    return tree_cast_like(adv_grads, params), new_state
+    return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -12,7 +12,13 @@ import jax
 import optax
 
 from xsam_jax import hessian
-from xsam_jax._perturbation import DEFAULT_EPS, check_positive_int, normalize, tree_to_f32
+from xsam_jax._parallel import check_axis
+from xsam_jax._perturbation import (
+  DEFAULT_EPS,
+  check_positive_int,
+  tree_to_f32,
+  unit_or_keep,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -22,7 +28,7 @@ def init_eigvec(params: PyTree, seed: int) -> PyTree:
   """A random unit vector shaped like ``params`` (float32 or wider), from ``seed``."""
   like = tree_to_f32(params)
   v = optax.tree.random_like(jax.random.key(seed), like)
-  return normalize(v)[0]
+  return unit_or_keep(v, v)
 
 
 TRACKERS = ("power", "lanczos")
@@ -33,7 +39,8 @@ def check_tracker(tracker: str) -> None:
   if tracker not in TRACKERS:
     raise ValueError(
       f"`tracker` must be one of {TRACKERS}, got {tracker!r}. 'power' is the papers' power "
-      "iteration; 'lanczos' reaches the same accuracy with fewer HVPs."
+      "iteration (largest |eigenvalue|); 'lanczos' targets the largest algebraic eigenvalue "
+      "and reaches the same accuracy with fewer HVPs."
     )
 
 
@@ -47,12 +54,17 @@ def _power_refresh(
   unroll: bool,
   tracker: str = "power",
 ) -> tuple[Array, PyTree]:
-  """``power_iters`` HVPs at ``params`` warm-started from ``eigvec``.
+  r"""``power_iters`` HVPs at ``params`` warm-started from ``eigvec``.
 
-  ``tracker="power"``: power iteration (the papers' refresh). ``tracker="lanczos"``: a
+  ``tracker="power"``: power iteration (the papers' refresh), largest :math:`|\lambda|`;
+  ``eigval`` is the Rayleigh quotient of the last multiplied iterate. ``tracker="lanczos"``: a
   ``power_iters``-step Lanczos run from ``eigvec`` with full reorthogonalisation, returning the
-  top Ritz pair: the same number of HVPs, but the Krylov space holds every power iterate, so the
-  estimate is at least as good (and stores ``power_iters`` basis vectors meanwhile).
+  top (largest algebraic) Ritz pair: the same number of HVPs, and the Krylov space holds every
+  power iterate (it stores ``power_iters`` basis vectors meanwhile).
+
+  The returned ``eigvec`` has exactly unit length (or is the old one when the new estimate's
+  norm is at most ``eps``) and the dtypes of the old one; ``eigval`` is in the dtype of
+  reductions over it (float32, float64 under x64 with float64 params).
   """
 
   def hvp_fn(v):
@@ -67,9 +79,8 @@ def _power_refresh(
     eigval, new_eigvec = hessian.power_iteration(
       hvp_fn, eigvec, power_iters, eps=eps, unroll=unroll
     )
-  # Keep the stored dtypes (float32, or float64 under x64) stable across steps.
-  new_eigvec = jax.tree.map(lambda n, o: n.astype(o.dtype), new_eigvec, eigvec)
-  return eigval, new_eigvec
+  # Exactly unit length, in the stored dtypes (float32, or float64 under x64).
+  return eigval, unit_or_keep(new_eigvec, eigvec, eps)
 
 
 def maybe_refresh(
@@ -85,17 +96,26 @@ def maybe_refresh(
   axis_name: str | None,
   refresh: bool | None,
   tracker: str = "power",
+  accumulation_steps: int = 1,
 ) -> tuple[Array, PyTree]:
-  """Refreshes ``(eigval, eigvec)`` when due.
+  """Refreshes ``(eigval, eigvec)`` when due; the outputs keep the dtypes of the inputs.
 
-  ``refresh=None``: traced decision ``count % refresh_every == 0`` under ``lax.cond`` around a
-  ``lax.fori_loop`` (one compiled program for every step). ``refresh=True/False``: a host-side
-  decision; the refresh is then straight-line HVPs with no control flow around them.
+  ``refresh=None``: traced decision ``count % (refresh_every * accumulation_steps) == 0``
+  (the first micro-batch of every ``refresh_every``-th optimizer step) under ``lax.cond``
+  around a ``lax.fori_loop``: one compiled program for every step. ``refresh=True/False``: a
+  host-side decision; the refresh is then straight-line HVPs with no control flow around them.
   """
+
+  def run(unroll):
+    new_val, new_vec = _power_refresh(
+      eigvec, params, grad_fn, power_iters, eps, axis_name, unroll, tracker
+    )
+    return new_val.astype(eigval.dtype), new_vec
+
   if refresh is None:
     return jax.lax.cond(
-      count % refresh_every == 0,
-      lambda: _power_refresh(eigvec, params, grad_fn, power_iters, eps, axis_name, False, tracker),
+      count % (refresh_every * accumulation_steps) == 0,
+      lambda: run(False),
       lambda: (eigval, eigvec),
     )
   if not isinstance(refresh, bool):
@@ -104,16 +124,24 @@ def maybe_refresh(
       f"got {refresh!r}. For a traced decision leave it as None."
     )
   if refresh:
-    return _power_refresh(eigvec, params, grad_fn, power_iters, eps, axis_name, True, tracker)
+    return run(True)
   return eigval, eigvec
 
 
-def is_due(count: int, refresh_every: int) -> bool:
-  """Host-side twin of the in-step test: whether step ``count`` refreshes the eigenvector.
+def is_due(count: int, refresh_every: int, accumulation_steps: int = 1) -> bool:
+  """Host-side twin of the in-step test: whether call ``count`` refreshes the eigenvector.
 
-  Use it to pick ``refresh=`` for the static path: ``refresh=is_due(step, refresh_every)``.
+  ``count`` counts ``update`` calls (micro-batches included). Use it to pick ``refresh=`` for
+  the static path: ``refresh=is_due(step, refresh_every, accumulation_steps)``.
+
+  Example:
+    >>> import xsam_jax
+    >>> [xsam_jax.is_due(c, refresh_every=2, accumulation_steps=3) for c in range(7)]
+    [True, False, False, False, False, False, True]
   """
-  return int(count) % refresh_every == 0
+  check_positive_int("refresh_every", refresh_every)
+  check_positive_int("accumulation_steps", accumulation_steps)
+  return int(count) % (refresh_every * accumulation_steps) == 0
 
 
 def _has_eigvec(node: Any) -> bool:
@@ -134,11 +162,13 @@ def refresh_eigenvector(
   r"""Refreshes every cached eigenvector in an optimizer state, outside the training step.
 
   Runs ``power_iters`` warm-started power-iteration steps,
-  :math:`v \leftarrow Hv/(\|Hv\|+\epsilon)`, with :math:`H` the Hessian of the loss whose
-  gradient is ``grad_fn``, at ``params``; stores the new ``eigvec`` and its Rayleigh quotient
-  ``eigval``. Every :class:`~xsam_jax.EigenSAMState` and :class:`~xsam_jax.XSAMState` found in
-  ``opt_state`` (inside ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``...) is updated;
-  everything else is returned unchanged. Use it to refresh on another batch (e.g. a fixed
+  :math:`v \leftarrow Hv/\|Hv\|`, with :math:`H` the Hessian of the loss whose
+  gradient is ``grad_fn``, at ``params``; stores the new unit ``eigvec`` and ``eigval``, the
+  Rayleigh quotient :math:`\langle v, Hv\rangle` of the last multiplied iterate (free: no
+  extra HVP). ``tracker="lanczos"`` stores the top Ritz pair instead. Every
+  :class:`~xsam_jax.EigenSAMState` and :class:`~xsam_jax.XSAMState` found in ``opt_state``
+  (inside ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``...) is updated; everything
+  else is returned unchanged. Use it to refresh on another batch (e.g. a fixed
   held-out batch) or on your own schedule, then call ``update(..., refresh=False)``.
 
   Args:
@@ -149,14 +179,16 @@ def refresh_eigenvector(
     eps: added to every norm before division.
     axis_name: inside ``shard_map``/``pmap``, ``pmean`` every HVP over this axis.
     unroll: straight-line HVPs (True) or a ``lax.fori_loop`` (False).
-    tracker: ``"power"`` (power iteration) or ``"lanczos"`` (top Ritz pair of a warm-started
-      Lanczos run with the same number of HVPs).
+    tracker: ``"power"`` (power iteration, largest :math:`|\lambda|`) or ``"lanczos"`` (top
+      Ritz pair, largest algebraic :math:`\lambda`, of a warm-started Lanczos run with the
+      same number of HVPs).
 
   Returns:
     ``opt_state`` with refreshed ``eigvec`` and ``eigval`` fields.
 
   Raises:
-    ValueError: if ``opt_state`` holds no eigenvector, or ``power_iters`` < 1.
+    ValueError: if ``opt_state`` holds no eigenvector, ``power_iters`` < 1, or ``axis_name``
+      is not a mapped axis here.
 
   References:
     Duan, Chen & Guan, "X-SAM: Boosting Sharpness-Aware Minimization with Dominant-Eigenvector
@@ -173,6 +205,7 @@ def refresh_eigenvector(
   """
   check_positive_int("power_iters", power_iters)
   check_tracker(tracker)
+  check_axis("xsam_jax.refresh_eigenvector", axis_name)
   found = []
 
   def refresh_node(node):

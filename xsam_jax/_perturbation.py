@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_jax._parallel import device_mean, to_varying
+
 Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
@@ -52,11 +54,35 @@ def normalize(tree: PyTree, eps: float = DEFAULT_EPS) -> tuple[PyTree, Array]:
   return optax.tree.scale(1.0 / (norm + eps), tree), norm
 
 
-def pmean_if(tree: PyTree, axis_name: str | None) -> PyTree:
-  """``lax.pmean`` over ``axis_name`` when one is given, identity otherwise."""
-  if axis_name is None:
-    return tree
-  return jax.lax.pmean(tree, axis_name)
+def unit_or_keep(new: PyTree, old: PyTree, eps: float = DEFAULT_EPS) -> PyTree:
+  """``new / ||new||`` (exactly unit length), or ``old`` unchanged when ``||new|| <= eps``.
+
+  Used for the refreshed eigenvector: dividing by ``||new|| + eps`` would leave it slightly
+  shorter than 1 whenever ``||Hv||`` is small, and every later projection would be too weak.
+  The result has the dtypes of ``old``.
+  """
+  new = tree_to_f32(new)
+  norm = optax.tree.norm(new)
+  keep = norm <= eps
+  safe = jnp.where(keep, jnp.ones_like(norm), norm)
+  return jax.tree.map(
+    lambda n, o: jnp.where(keep, o, (n / safe).astype(o.dtype)).astype(o.dtype), new, old
+  )
+
+
+def scalar_dtype(tree: PyTree) -> jnp.dtype:
+  """The dtype of reductions over ``tree``: float32, or float64 if a leaf is float64 (x64)."""
+  return jnp.result_type(jnp.float32, *(jnp.result_type(x) for x in jax.tree.leaves(tree)))
+
+
+def keep_dtypes(new: PyTree, old: PyTree) -> PyTree:
+  """Casts every leaf of ``new`` to the dtype of the matching leaf of ``old``.
+
+  Transforms pass their new state through it so that shapes and dtypes never change across
+  ``update`` (float16 to float64 params alike), and the state can be carried by ``lax.cond``,
+  ``lax.scan`` and ``while_loop``.
+  """
+  return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +96,21 @@ def ascent_point(params: PyTree, perturbation: PyTree) -> PyTree:
     params,
     perturbation,
   )
+
+
+def perturbed_gradient(
+  grad_fn: Callable[[PyTree], PyTree],
+  params: PyTree,
+  perturbation: PyTree,
+  axis_name: str | None,
+) -> PyTree:
+  """``grad_fn(w + epsilon)``, the device's own, averaged over ``axis_name`` when given.
+
+  Inside ``shard_map(check_vma=True)`` the point is marked device-varying first, so that
+  ``grad_fn`` returns the device's own gradient rather than the sum over devices.
+  """
+  point = ascent_point(to_varying(params, axis_name), perturbation)
+  return device_mean(grad_fn(point), axis_name)
 
 
 def project_out(tree: PyTree, direction: PyTree, alpha: Array | float) -> tuple[PyTree, Array]:
@@ -86,11 +127,14 @@ def project_out(tree: PyTree, direction: PyTree, alpha: Array | float) -> tuple[
 # Hyperparameters and checks.
 
 
-def read_hyperparam(value: ScalarOrSchedule, count: Array) -> Array:
-  """Value of a float-or-schedule hyperparameter at step ``count`` (float32 scalar)."""
+def read_hyperparam(value: ScalarOrSchedule, count: Array, dtype: jnp.dtype = jnp.float32) -> Array:
+  """Value of a float-or-schedule hyperparameter at step ``count``, as a ``dtype`` scalar.
+
+  Transforms pass :func:`scalar_dtype` of the params: float32, or float64 for float64 params.
+  """
   if callable(value):
     value = value(count)
-  return jnp.asarray(value, dtype=jnp.float32)
+  return jnp.asarray(value).astype(dtype)
 
 
 def _concrete_float(value: Any) -> float | None:
@@ -118,8 +162,14 @@ def check_range(
     raise ValueError(f"`{name}` must be {bounds}, got {value!r}.{(' ' + hint) if hint else ''}")
 
 
-def check_positive_int(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is a Python int >= 1."""
+def check_positive_int(name: str, value: Any, *, traced_ok: bool = False) -> None:
+  """Raises ``ValueError`` unless ``value`` is a Python int >= 1.
+
+  With ``traced_ok`` an array (e.g. injected by ``optax.inject_hyperparams``) is accepted
+  unchecked, for arguments that only enter traced arithmetic.
+  """
+  if traced_ok and isinstance(value, jax.Array):
+    return
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(
       f"`{name}` must be a Python int >= 1, got {value!r}. It fixes the compiled program's "

@@ -10,15 +10,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
-  ascent_point,
+  check_positive_int,
   check_range,
   check_update_args,
+  keep_dtypes,
   normalize,
-  pmean_if,
+  perturbed_gradient,
   read_hyperparam,
+  scalar_dtype,
   tree_cast_like,
   tree_norm,
   tree_to_f32,
@@ -31,10 +34,13 @@ class SAMState(NamedTuple):
   """State of :func:`sam`.
 
   Attributes:
-    count: number of updates applied so far (int32 scalar); schedules read it.
-    grad_norm: global L2 norm of the clean gradient at the last step (float32).
+    count: number of ``update`` calls so far (int32 scalar), micro-batches included; schedules
+      read ``count // accumulation_steps``.
+    grad_norm: global L2 norm of the clean gradient at the last step (float32, float64 for
+      float64 params; with ``axis_name`` the mean over devices of the local norms).
     perturbation_norm: global L2 norm of the ascent step ``epsilon`` at the last step
-      (``rho`` for SAM; for ASAM the Euclidean length of the adaptive step).
+      (``rho`` for SAM; for ASAM the Euclidean length of the adaptive step; with ``axis_name``
+      the mean over devices).
   """
 
   count: chex.Array
@@ -81,6 +87,7 @@ def sam(
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
   eps: float = DEFAULT_EPS,
   axis_name: str | None = None,
+  accumulation_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (and ASAM with ``adaptive=True``) as a gradient producer.
 
@@ -96,9 +103,21 @@ def sam(
 
   Place it first in an ``optax.chain``; pass ``grad_fn`` (the gradient of the *same*
   minibatch loss at other parameters) to ``update``. Norms are global over the whole pytree and
-  accumulated in float32; the result keeps the dtype of ``params``. Within
-  ``shard_map``/``pmap`` with ``axis_name``, each device ascends along its *own* gradient
-  (m-sharpness, as in the SAM paper) and the returned gradient is ``pmean``-ed.
+  accumulated in float32 (float64 for float64 params); the result keeps the dtype of
+  ``params``, and the state keeps its dtypes across steps.
+
+  Data parallel: under ``jax.jit`` with a sharded batch pass nothing (the ascent uses the global
+  gradient). Inside ``shard_map``/``pmap`` pass ``axis_name``: each device ascends along its
+  *own* gradient (m-sharpness, as in the SAM paper) and the returned gradient and the state are
+  means over devices. With ``shard_map``'s default ``check_vma=True`` take the clean gradient at
+  device-varying parameters (``jax.lax.pcast(params, axis, to="varying")``); a gradient already
+  reduced over the axis is refused with a ``ValueError`` (see the README, "Data parallelism").
+
+  Gradient accumulation: ``optax.chain(sam(..., accumulation_steps=k),
+  optax.MultiSteps(base, every_k_schedule=k).gradient_transformation())``; each micro-batch
+  makes its own ascent and the base optimizer receives the mean of the k SAM gradients. Do not
+  put the method *inside* ``MultiSteps``: that calls it on the running mean of clean gradients
+  and keeps only the last micro-batch's perturbed gradient.
 
   Args:
     rho: neighbourhood radius :math:`\rho \ge 0`, a float or a schedule ``count -> rho``.
@@ -110,13 +129,19 @@ def sam(
       :math:`T` only to weights, not biases). Default: every leaf.
     eps: added to every norm before division.
     axis_name: the mapped axis name inside ``shard_map``/``pmap``, or None under plain ``jit``.
+    accumulation_steps: micro-batches per optimizer step when followed by
+      ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``; a ``rho`` schedule then
+      reads the optimizer step ``count // accumulation_steps``. Python int >= 1.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``;
     ``update(updates, state, params, *, grad_fn, **extra)``.
 
   Raises:
-    ValueError: for ``rho < 0``, ``eta < 0``, or when ``params`` or ``grad_fn`` is missing.
+    ValueError: for ``rho < 0``, ``eta < 0``, ``accumulation_steps < 1``, when ``params`` or
+      ``grad_fn`` is missing, and for data-parallel misuse: ``axis_name`` not a mapped axis,
+      a clean gradient already reduced over it, a ``grad_fn`` that reduces, or a gradient that
+      varies over a mapped axis while ``axis_name`` is None.
 
   References:
     Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
@@ -136,32 +161,37 @@ def sam(
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("eta", eta, 0.0)
+  check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
   method = "xsam_jax.asam" if adaptive else "xsam_jax.sam"
 
   def init_fn(params: PyTree) -> SAMState:
-    del params
-    zero = jnp.zeros((), jnp.float32)
-    return SAMState(count=jnp.zeros((), jnp.int32), grad_norm=zero, perturbation_norm=zero)
+    zero = jnp.zeros((), scalar_dtype(params))
+    state = SAMState(count=jnp.zeros((), jnp.int32), grad_norm=zero, perturbation_norm=zero)
+    return place_state(state, params)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
     check_update_args(method, params, grad_fn)
+    check_clean_gradient(updates, method, axis_name)
     mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
     perturbation, grad_norm = sam_perturbation(
       updates,
       params,
-      read_hyperparam(rho, state.count),
+      read_hyperparam(rho, state.count // accumulation_steps, scalar_dtype(params)),
       adaptive=adaptive,
       eta=eta,
       adaptive_mask=mask,
       eps=eps,
     )
-    adv_grads = pmean_if(grad_fn(ascent_point(params, perturbation)), axis_name)
+    adv_grads = perturbed_gradient(grad_fn, params, perturbation, axis_name)
+    grad_norm, perturbation_norm = device_mean(
+      (grad_norm, tree_norm(perturbation)), axis_name, what="the gradient norm"
+    )
     new_state = SAMState(
       count=optax.safe_increment(state.count),
       grad_norm=grad_norm,
-      perturbation_norm=tree_norm(perturbation),
+      perturbation_norm=perturbation_norm,
     )
-    return tree_cast_like(adv_grads, params), new_state
+    return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -10,16 +10,18 @@ import jax.numpy as jnp
 import optax
 
 from xsam_jax._eigvec import check_tracker, init_eigvec, maybe_refresh
+from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
-  ascent_point,
   check_positive_int,
   check_range,
   check_update_args,
+  keep_dtypes,
   normalize,
-  pmean_if,
+  perturbed_gradient,
   read_hyperparam,
+  scalar_dtype,
   tree_cast_like,
   tree_to_f32,
   tree_vdot,
@@ -35,16 +37,24 @@ class XSAMState(NamedTuple):
   """State of :func:`xsam`.
 
   Attributes:
-    count: number of updates applied so far (int32 scalar); the eigenvector is refreshed when
-      ``count % refresh_every == 0`` (step 0 included).
-    eigvec: unit estimate of the top Hessian eigenvector, shaped like params (float32).
-    eigval: Rayleigh quotient of the eigenvector estimate at the last refresh (float32).
-    cos: :math:`\\langle \\hat g_{adv}, v\\rangle`, cosine between the perturbed gradient and
-      ``eigvec`` before the correction, at the last step (signed; the sign of ``eigvec`` is
-      arbitrary, so histogram ``|cos|`` or the angle to the nearer of :math:`\\pm v`).
-    grad_norm: global L2 norm of the clean gradient at the last step.
-    adv_grad_norm: global L2 norm of the perturbed gradient at the last step (the scale that
-      ``normalize=True`` removes).
+    count: number of ``update`` calls so far (int32 scalar), micro-batches included; the
+      eigenvector is refreshed when ``count % (refresh_every * accumulation_steps) == 0``
+      (step 0 included).
+    eigvec: unit estimate of the top Hessian eigenvector, shaped like params (float32; float64
+      for float64 params). Exactly unit length after every refresh.
+    eigval: at the last refresh, the Rayleigh quotient :math:`\\langle v, Hv\\rangle` of the
+      last iterate that was multiplied by the Hessian (``tracker="power"``; free, no extra
+      HVP), or the top Ritz value (``tracker="lanczos"``).
+    cos: :math:`\\langle \\hat g_{adv}, v\\rangle`, cosine between the (device-averaged)
+      perturbed gradient and ``eigvec`` before the correction, at the last step (signed; the
+      sign of ``eigvec`` is arbitrary, so histogram ``|cos|`` or the angle to the nearer of
+      :math:`\\pm v`).
+    grad_norm: global L2 norm of the clean gradient at the last step (with ``axis_name``, the
+      mean over devices of the local norms).
+    adv_grad_norm: global L2 norm of the (device-averaged) perturbed gradient at the last step
+      (the scale that ``normalize=True`` removes).
+
+  Every scalar is float32, or float64 for float64 params; dtypes never change across steps.
   """
 
   count: chex.Array
@@ -92,6 +102,7 @@ def xsam(
   axis_name: str | None = None,
   seed: int = 0,
   tracker: str = "power",
+  accumulation_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""X-SAM: SAM with the perturbed gradient corrected along the top Hessian eigenvector.
 
@@ -131,32 +142,44 @@ def xsam(
   host instead (straight-line HVPs, the fast path on XLA:CPU). ``alpha = 0`` with
   ``normalize=False`` is exactly SAM; ``alpha = 0`` with ``normalize=True`` is normalised SAM.
 
+  Data parallel (``axis_name``) and gradient accumulation (``accumulation_steps``) work as in
+  :func:`~xsam_jax.sam`: the correction is applied per micro-batch to the device-averaged
+  perturbed gradient, with one eigenvector shared by all devices and refreshed on the first
+  micro-batch of an optimizer step.
+
   Args:
     rho: neighbourhood radius :math:`\rho \ge 0`, float or schedule (0.05 CIFAR-10, 0.1
       CIFAR-100 in the paper).
     alpha: correction strength in :math:`[0, 2]`, float or schedule (paper: 0.2).
-    refresh_every: refresh period :math:`p` in steps, Python int >= 1 (official code: 3-5).
+    refresh_every: refresh period :math:`p` in optimizer steps, Python int >= 1 (official
+      code: 3-5).
     power_iters: HVPs per refresh :math:`q`, Python int >= 1 (official code: 5).
     normalize: normalise the perturbed gradient before the correction (see above).
     correction: ``"projection"`` (sign-invariant, default) or ``"official"``.
     eps: added to every norm before division.
     axis_name: inside ``shard_map``/``pmap``: ascent from the local gradient (m-sharpness);
-      the perturbed gradient and every HVP are ``pmean``-ed, so all devices share one
-      eigenvector and return the same corrected gradient.
+      the perturbed gradient, every HVP and the state's scalars are ``pmean``-ed, so all
+      devices share one eigenvector and return the same corrected gradient.
     seed: seed of the random initial eigenvector.
-    tracker: how a refresh spends its ``power_iters`` HVPs: ``"power"`` (power iteration, as
-      in the papers' code) or ``"lanczos"`` (top Ritz pair of a Lanczos run warm-started from
-      the cached vector; same HVP count, better estimate, ``power_iters`` extra param-sized
-      buffers during the refresh). See ``benchmarks/RESULTS.md`` for HVPs-to-accuracy.
+    tracker: how a refresh spends its ``power_iters`` HVPs. ``"power"`` (the papers' code)
+      converges to the eigenvector of largest *magnitude*, a negative eigenvalue's when one
+      dominates (then ``eigval < 0``); ``"lanczos"`` (top Ritz pair of a Lanczos run
+      warm-started from the cached vector, ``power_iters`` extra param-sized buffers during the
+      refresh) targets the largest *algebraic* eigenvalue. See ``benchmarks/RESULTS.md``.
+    accumulation_steps: micro-batches per optimizer step when followed by
+      ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``: refresh on the first
+      micro-batch of every ``refresh_every``-th optimizer step; schedules read
+      ``count // accumulation_steps``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
     grad_fn, eig_grad_fn=None, refresh=None, **extra)``.
 
   Raises:
-    ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every`` or
-      ``power_iters`` < 1, an unknown ``correction``, and when ``params`` or ``grad_fn`` is
-      missing.
+    ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every``,
+      ``power_iters`` or ``accumulation_steps`` < 1, an unknown ``correction``, when
+      ``params`` or ``grad_fn`` is missing, and for data-parallel misuse (see
+      :func:`~xsam_jax.sam`).
 
   References:
     Duan, Chen & Guan, "X-SAM: Boosting Sharpness-Aware Minimization with Dominant-Eigenvector
@@ -178,6 +201,7 @@ def xsam(
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is (normalised) SAM; 0.2 is the paper's.")
   check_positive_int("refresh_every", refresh_every)
   check_positive_int("power_iters", power_iters)
+  check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
   check_tracker(tracker)
   if correction not in CORRECTIONS:
     raise ValueError(
@@ -191,8 +215,8 @@ def xsam(
     )
 
   def init_fn(params: PyTree) -> XSAMState:
-    zero = jnp.zeros((), jnp.float32)
-    return XSAMState(
+    zero = jnp.zeros((), scalar_dtype(params))
+    state = XSAMState(
       count=jnp.zeros((), jnp.int32),
       eigvec=init_eigvec(params, seed),
       eigval=zero,
@@ -200,12 +224,16 @@ def xsam(
       grad_norm=zero,
       adv_grad_norm=zero,
     )
+    return place_state(state, params, state.eigvec)
 
   def update_fn(
     updates, state, params=None, *, grad_fn=None, eig_grad_fn=None, refresh=None, **extra_args
   ):
     del extra_args
     check_update_args("xsam_jax.xsam", params, grad_fn)
+    check_clean_gradient(updates, "xsam_jax.xsam", axis_name)
+    dtype = scalar_dtype(params)
+    step = state.count // accumulation_steps
     eigval, eigvec = maybe_refresh(
       state.eigval,
       state.eigvec,
@@ -218,25 +246,27 @@ def xsam(
       axis_name=axis_name,
       refresh=refresh,
       tracker=tracker,
+      accumulation_steps=accumulation_steps,
     )
     perturbation, grad_norm = sam_perturbation(
       updates,
       params,
-      read_hyperparam(rho, state.count),
+      read_hyperparam(rho, step, dtype),
       adaptive=False,
       eta=0.0,
       adaptive_mask=None,
       eps=eps,
     )
-    adv_grads = pmean_if(grad_fn(ascent_point(params, perturbation)), axis_name)
+    adv_grads = perturbed_gradient(grad_fn, params, perturbation, axis_name)
     corrected, cos, adv_norm = xsam_correction(
       adv_grads,
       eigvec,
-      read_hyperparam(alpha, state.count),
+      read_hyperparam(alpha, step, dtype),
       normalize_grad=normalize,
       correction=correction,
       eps=eps,
     )
+    grad_norm = device_mean(grad_norm, axis_name, what="the gradient norm")
     new_state = XSAMState(
       count=optax.safe_increment(state.count),
       eigvec=eigvec,
@@ -245,6 +275,6 @@ def xsam(
       grad_norm=grad_norm,
       adv_grad_norm=adv_norm,
     )
-    return tree_cast_like(corrected, params), new_state
+    return tree_cast_like(corrected, params), keep_dtypes(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -36,14 +36,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_jax._parallel import device_mean, to_varying
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   normalize,
-  pmean_if,
+  scalar_dtype,
   tree_cast_like,
   tree_norm,
   tree_to_f32,
   tree_vdot,
+  unit_or_keep,
 )
 
 Array = jax.Array
@@ -97,37 +99,37 @@ def hvp(
     grad_fn: ``params -> grads``, the gradient of the loss whose Hessian is wanted.
     params: the point :math:`w` at which the Hessian is taken.
     v: a tangent shaped like ``params``; it is cast to the dtype of each parameter.
-    axis_name: inside ``shard_map``/``pmap``, the result is ``pmean``-ed over this axis so
-      every device sees the Hessian of the global (mean) loss.
+    axis_name: inside ``shard_map``/``pmap``: ``grad_fn`` is the gradient of the device's own
+      loss; the product is taken at device-varying ``params`` and ``v`` (so that, under
+      ``check_vma=True``, autodiff does not sum it over devices) and ``pmean``-ed over this
+      axis, so every device sees the Hessian of the global (mean) loss.
 
   Returns:
     :math:`Hv`, shaped like ``params``, in the dtype ``grad_fn`` returns.
 
+  Raises:
+    ValueError: if ``axis_name`` is not a mapped axis here, or ``grad_fn`` returns a value
+      already reduced over it.
+
   References:
     Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation, 1994.
   """
-  tangent = tree_cast_like(v, params)
-  _, out = jax.jvp(grad_fn, (params,), (tangent,))
-  return pmean_if(out, axis_name)
-
-
-def _scalar_dtype(tree: PyTree) -> jnp.dtype:
-  """The dtype of reductions over ``tree``: float32, or float64 if a leaf is float64."""
-  return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))
+  primal = to_varying(params, axis_name)
+  tangent = to_varying(tree_cast_like(v, params), axis_name)
+  _, out = jax.jvp(grad_fn, (primal,), (tangent,))
+  return device_mean(out, axis_name, what="grad_fn (in a Hessian-vector product)")
 
 
 def _power_step(hvp_fn: HVPFn, v: PyTree, eps: float) -> tuple[Array, PyTree]:
   """One power-iteration step from a unit ``v``: returns ``(<v, Hv>, Hv / ||Hv||)``.
 
-  If ``Hv`` is exactly zero the previous ``v`` is kept, so the estimate never becomes 0 or NaN.
-  The outputs have the dtypes of ``v`` (so a loop carry keeps its type).
+  The new iterate has exactly unit length; if ``||Hv|| <= eps`` the previous ``v`` is kept, so
+  the estimate never becomes 0, NaN or shorter than 1. The outputs have the dtypes of ``v`` (so
+  a loop carry keeps its type).
   """
   hv = tree_cast_like(tree_to_f32(hvp_fn(v)), v)
-  rayleigh = tree_vdot(v, hv).astype(_scalar_dtype(v))
-  hv_unit, hv_norm = normalize(hv, eps)
-  keep = hv_norm > 0
-  v_next = jax.tree.map(lambda new, old: jnp.where(keep, new, old).astype(old.dtype), hv_unit, v)
-  return rayleigh, v_next
+  rayleigh = tree_vdot(v, hv).astype(scalar_dtype(v))
+  return rayleigh, unit_or_keep(hv, v, eps)
 
 
 def power_iteration(
@@ -142,7 +144,7 @@ def power_iteration(
 
   .. math::
      v_0 = \frac{v_{\text{init}}}{\|v_{\text{init}}\|},\qquad
-     v_{k+1} = \frac{H v_k}{\|H v_k\| + \epsilon},\qquad
+     v_{k+1} = \frac{H v_k}{\|H v_k\|}\ (\text{or } v_k \text{ if } \|H v_k\| \le \epsilon),\qquad
      \lambda = \langle v_{q-1},\, H v_{q-1} \rangle
 
   ``eigval`` is the Rayleigh quotient of the last iterate that was multiplied, so it costs no
@@ -167,7 +169,7 @@ def power_iteration(
   """
   _check_int("num_iters", num_iters)
   v, _ = normalize(v0, eps)
-  rayleigh = jnp.zeros((), _scalar_dtype(v))
+  rayleigh = jnp.zeros((), scalar_dtype(v))
   if unroll:
     for _ in range(num_iters):
       rayleigh, v = _power_step(hvp_fn, v, eps)
@@ -428,7 +430,7 @@ def lanczos(
   dim = _dimension(v0)
   _check_int("num_iters", num_iters, 1, dim)
   q0, _ = normalize(v0, eps)
-  dtype = _scalar_dtype(q0)
+  dtype = scalar_dtype(q0)
   basis = jax.tree.map(lambda x: jnp.zeros((num_iters, *x.shape), x.dtype), q0)
   carry = (
     jnp.zeros((num_iters,), dtype),

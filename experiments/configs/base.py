@@ -61,8 +61,11 @@ class TrainConfig:
   # Sharpness methods.
   rho: float = 0.05
   alpha: float = 0.2
-  eta: float = 0.01  # ASAM
+  eta: float = 0.01  # ASAM: official class default (example_cifar.py passes 0.0)
   refresh_every: int = 5  # p
+  # True: refresh once per epoch (refresh_every := steps per epoch, refresh_every unused), the
+  # official Eigen-SAM code's actual cadence (algorithms.md 4.4); see paper_recipe.
+  refresh_once_per_epoch: bool = False
   power_iters: int = 5  # q
   normalize: bool = True  # X-SAM: normalise the perturbed gradient (paper Eq. 11)
   correction: str = "projection"  # X-SAM: "projection" or "official"
@@ -168,11 +171,31 @@ def paper_recipe(dataset: str, model: str, optimizer: str) -> TrainConfig:
   X-SAM README command (alpha 0.2, freq p = 3, q = 5, wd 5e-5) and third-party note (rho
   0.05/0.1). Weight decay: the Eigen-SAM code default 5e-4 (the paper text says 5e-5, see
   algorithms.md 4.5 and 5.5; override with weight_decay=5e-5 to test the other reading).
+
+  ASAM (algorithms.md 3, ``SamsungLabs/ASAM``): rho 0.5 (CIFAR-10) / 1.0 (CIFAR-100), the
+  README's recommendation; SAM's 0.05/0.1 would be a ~10x smaller neighbourhood for ASAM. eta
+  0.01, the ``ASAM`` class default (``example_cifar.py`` passes ``--eta 0.0``). T_w only on
+  weights, not biases, as its code (``experiments.optimizers.asam_mask``). Not reproduced: the
+  ASAM script's label smoothing 0.1 and WRN-28-10 default model.
+
+  Eigen-SAM refresh cadence: the official code refreshes ``if step % freq == 0 and step > 0``
+  with ``step`` the batch index *within the epoch* (algorithms.md 4.2 item 1 and 4.4 item 1):
+  at freq 100 and 195 batches per epoch that is once per epoch, at batch 100, not every 100
+  steps. The recipe therefore sets ``refresh_once_per_epoch`` on CIFAR (every 195 steps at
+  batch 256; ``refresh_every=100`` stays as the record of the code's ``freq``; set
+  ``refresh_once_per_epoch=false`` for a literal every-100-steps reading). What still differs
+  from the code: the phase (we refresh at batch 0 of every epoch, the code at batch 100), and
+  the start (we refresh at step 0 and tilt from the first step; during its first 100 steps the
+  code has no eigenvector and ascends along the unnormalised ``rho * g``, algorithms.md 4.4
+  item 2). X-SAM's code has the same within-epoch counter, but at freq 3 it refreshes 64
+  times in 195 batches, close to every 3 steps, so X-SAM keeps ``refresh_every=3``.
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
   cifar100 = dataset == "cifar100"
   base = optimizer.removesuffix("_adamw")
+  rho_sam = 0.1 if cifar100 else 0.05  # SAM Table 6 (WRN); X-SAM note: 0.05 / 0.1
+  rho_asam = 1.0 if cifar100 else 0.5  # ASAM README: 0.5 (CIFAR-10), 1.0 (CIFAR-100)
   return validate(
     TrainConfig(
       dataset=dataset,
@@ -184,9 +207,14 @@ def paper_recipe(dataset: str, model: str, optimizer: str) -> TrainConfig:
       lr_schedule="cosine_epoch",  # torch CosineAnnealingLR(T_max=epochs) stepped per epoch
       momentum=0.9,  # all papers
       weight_decay=5e-4,  # Eigen-SAM code/log; X-SAM README uses 5e-5
-      rho=0.1 if cifar100 else 0.05,  # SAM Table 6 (WRN); X-SAM note: 0.05 / 0.1
+      rho=rho_asam if base == "asam" else rho_sam,
+      eta=0.01,  # ASAM class default (its example_cifar.py uses 0.0)
       alpha=0.2,  # Eigen-SAM code default; X-SAM README/paper
       refresh_every=100 if base == "eigen_sam" else 3,  # Eigen-SAM freq 100; X-SAM README 3
+      # Eigen-SAM code: `step % 100 == 0 and step > 0` on the batch index within the epoch,
+      # i.e. once per epoch at CIFAR's 195 batches/epoch (algorithms.md 4.4 item 1). Other
+      # sizes (e.g. SVHN, 286 batches: twice per epoch) keep the every-100-steps reading.
+      refresh_once_per_epoch=base == "eigen_sam" and dataset in ("cifar10", "cifar100"),
       power_iters=5,  # both official codes (hard-coded steps=5)
       eig_eval_mode=True,  # both codes: model.eval() for the HVP loss
       lambda_max_every=10,
