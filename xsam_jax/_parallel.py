@@ -113,7 +113,9 @@ def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
   def cast(x):
     if axis_name in varying_axes(x):
       return x
-    return jax.lax.pcast(x, axis_name, to="varying")
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.8
+      return jax.lax.pcast(x, axis_name, to="varying")
+    return jax.lax.pvary(x, axis_name)
 
   return jax.tree.map(cast, tree)
 
