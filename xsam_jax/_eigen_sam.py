@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_jax import hessian
 from xsam_jax._eigvec import check_tracker, init_eigvec, maybe_refresh
 from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
@@ -30,7 +31,7 @@ PyTree = Any
 
 
 class EigenSAMState(NamedTuple):
-  """State of :func:`eigen_sam`.
+  r"""State of :func:`eigen_sam`.
 
   Attributes:
     count: number of ``update`` calls so far (int32 scalar), micro-batches included; the
@@ -38,13 +39,19 @@ class EigenSAMState(NamedTuple):
       (step 0 included).
     eigvec: unit estimate of the top Hessian eigenvector, shaped like params (float32; float64
       for float64 params). Exactly unit length after every refresh.
-    eigval: at the last refresh, the Rayleigh quotient :math:`\\langle v, Hv\rangle` of the
+    eigval: at the last refresh, the Rayleigh quotient :math:`\langle v, Hv\rangle` of the
       last iterate that was multiplied by the Hessian (``tracker="power"``; free, no extra
       HVP), or the top Ritz value (``tracker="lanczos"``). Scalar in the state's float dtype.
     cos: cosine between the clean gradient and ``eigvec`` at the last step (signed; the sign of
       ``eigvec`` is arbitrary). With ``axis_name``: the mean over devices.
     grad_norm: global L2 norm of the clean gradient at the last step. With ``axis_name``: the
       mean over devices of the local norms.
+    ascent_curvature: curvature along the actual (tilted) ascent step :math:`\epsilon` at the
+      last step, free from the two gradients: :math:`\langle\epsilon, g_{adv} - g\rangle /
+      \|\epsilon\|^2 \approx \hat\epsilon^\top H \hat\epsilon`. Exact for a quadratic, error
+      :math:`O(\rho)` otherwise; 0 when ``rho = 0``; ``alpha = 0`` gives SAM's
+      :math:`\hat g^\top H \hat g`. With ``axis_name``: the mean over devices of each device's
+      value.
 
   Every scalar is float32, or float64 for float64 params; dtypes never change across steps.
   """
@@ -54,6 +61,7 @@ class EigenSAMState(NamedTuple):
   eigval: chex.Array
   cos: chex.Array
   grad_norm: chex.Array
+  ascent_curvature: chex.Array
 
 
 def eigen_sam_perturbation(
@@ -84,6 +92,7 @@ def eigen_sam(
   seed: int = 0,
   tracker: str = "power",
   accumulation_steps: int = 1,
+  hvp_method: str = "exact",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigen-SAM: SAM with the perturbation tilted towards the top Hessian eigenvector.
 
@@ -105,7 +114,10 @@ def eigen_sam(
   Hessian-vector products ``jax.jvp(eig_grad_fn or grad_fn, (params,), (v,))`` at the clean
   parameters, under a ``lax.cond`` around a ``lax.fori_loop`` (one compiled step). Pass
   ``refresh=True``/``False`` to ``update`` to decide on the host instead (straight-line HVPs;
-  much faster for convolutions on XLA:CPU, see the README).
+  much faster for convolutions on XLA:CPU, see the README). With
+  ``hvp_method="forward_difference"`` each HVP is one gradient,
+  :math:`Hv \approx (\nabla L(w + hv) - \nabla L(w))/h` (:func:`xsam_jax.hessian.hvp`), with
+  the step's clean gradient as :math:`\nabla L(w)` (free) unless ``eig_grad_fn`` is given.
 
   The official code's cadence differs: it refreshes at batch index 100 of every epoch
   (``step % 100 == 0 and step > 0`` with ``step`` restarting each epoch), i.e. once per epoch,
@@ -138,6 +150,10 @@ def eigen_sam(
       ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``: refresh on the first
       micro-batch of every ``refresh_every``-th optimizer step; schedules read
       ``count // accumulation_steps``.
+    hvp_method: ``"exact"`` (forward-over-reverse, default) or ``"forward_difference"`` (one
+      gradient per HVP, base gradient shared; relative error :math:`O(\sqrt{u})`, see
+      :func:`xsam_jax.hessian.hvp`). With ``"forward_difference"`` and no ``eig_grad_fn``,
+      ``updates`` must be ``grad_fn(params)`` itself (pass ``eig_grad_fn=grad_fn`` otherwise).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -145,8 +161,9 @@ def eigen_sam(
 
   Raises:
     ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every``,
-      ``power_iters`` or ``accumulation_steps`` < 1, when ``params`` or ``grad_fn`` is
-      missing, and for data-parallel misuse (see :func:`~xsam_jax.sam`).
+      ``power_iters`` or ``accumulation_steps`` < 1, an unknown ``tracker`` or
+      ``hvp_method``, when ``params`` or ``grad_fn`` is missing, and for data-parallel misuse
+      (see :func:`~xsam_jax.sam`).
 
   References:
     Luo, Truong, Pham, Harandi, Phung & Le, "Explicit Eigenvalue Regularization Improves
@@ -169,6 +186,7 @@ def eigen_sam(
   check_positive_int("power_iters", power_iters)
   check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
   check_tracker(tracker)
+  hessian.check_hvp_method(hvp_method)
 
   def init_fn(params: PyTree) -> EigenSAMState:
     zero = jnp.zeros((), scalar_dtype(params))
@@ -178,6 +196,7 @@ def eigen_sam(
       eigval=zero,
       cos=zero,
       grad_norm=zero,
+      ascent_curvature=zero,
     )
     return place_state(state, params, state.eigvec)
 
@@ -202,6 +221,9 @@ def eigen_sam(
       refresh=refresh,
       tracker=tracker,
       accumulation_steps=accumulation_steps,
+      hvp_method=hvp_method,
+      # The HVP loss is the training loss: its gradient at w is the clean gradient, free.
+      base_grad=updates if eig_grad_fn is None else None,
     )
     perturbation, cos, grad_norm = eigen_sam_perturbation(
       updates,
@@ -210,7 +232,9 @@ def eigen_sam(
       read_hyperparam(alpha, step, dtype),
       eps,
     )
-    adv_grads = perturbed_gradient(grad_fn, params, perturbation, axis_name)
+    adv_grads, curvature = perturbed_gradient(
+      grad_fn, params, perturbation, axis_name, updates, eps
+    )
     cos, grad_norm = device_mean((cos, grad_norm), axis_name, what="the gradient norm")
     new_state = EigenSAMState(
       count=optax.safe_increment(state.count),
@@ -218,6 +242,7 @@ def eigen_sam(
       eigval=eigval,
       cos=cos,
       grad_norm=grad_norm,
+      ascent_curvature=curvature,
     )
     return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)
 

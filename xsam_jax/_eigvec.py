@@ -53,6 +53,8 @@ def _power_refresh(
   axis_name: str | None,
   unroll: bool,
   tracker: str = "power",
+  hvp_method: str = "exact",
+  base_grad: PyTree | None = None,
 ) -> tuple[Array, PyTree]:
   r"""``power_iters`` HVPs at ``params`` warm-started from ``eigvec``.
 
@@ -65,10 +67,14 @@ def _power_refresh(
   The returned ``eigvec`` has exactly unit length (or is the old one when the new estimate's
   norm is at most ``eps``) and the dtypes of the old one; ``eigval`` is in the dtype of
   reductions over it (float32, float64 under x64 with float64 params).
-  """
 
-  def hvp_fn(v):
-    return hessian.hvp(grad_fn, params, v, axis_name=axis_name)
+  ``hvp_method="forward_difference"``: every HVP is one gradient, against one base gradient
+  :math:`\nabla L(w)` shared by all ``power_iters`` products: ``base_grad`` when given (the
+  step's clean gradient), else one ``grad_fn`` call at the start of the refresh.
+  """
+  hvp_fn = hessian.make_hvp_fn(
+    grad_fn, params, hvp_method=hvp_method, base_grad=base_grad, axis_name=axis_name, eps=eps
+  )
 
   if tracker == "lanczos" and power_iters > 1:
     eigvals, eigvecs = hessian.top_k_eigenpairs(
@@ -97,6 +103,8 @@ def maybe_refresh(
   refresh: bool | None,
   tracker: str = "power",
   accumulation_steps: int = 1,
+  hvp_method: str = "exact",
+  base_grad: PyTree | None = None,
 ) -> tuple[Array, PyTree]:
   """Refreshes ``(eigval, eigvec)`` when due; the outputs keep the dtypes of the inputs.
 
@@ -104,11 +112,13 @@ def maybe_refresh(
   (the first micro-batch of every ``refresh_every``-th optimizer step) under ``lax.cond``
   around a ``lax.fori_loop``: one compiled program for every step. ``refresh=True/False``: a
   host-side decision; the refresh is then straight-line HVPs with no control flow around them.
+  ``hvp_method`` and ``base_grad`` as in :func:`_power_refresh`; a base gradient that is not
+  given is computed inside the refresh branch, so steps without a refresh do not pay for it.
   """
 
   def run(unroll):
     new_val, new_vec = _power_refresh(
-      eigvec, params, grad_fn, power_iters, eps, axis_name, unroll, tracker
+      eigvec, params, grad_fn, power_iters, eps, axis_name, unroll, tracker, hvp_method, base_grad
     )
     return new_val.astype(eigval.dtype), new_vec
 
@@ -158,6 +168,8 @@ def refresh_eigenvector(
   axis_name: str | None = None,
   unroll: bool = True,
   tracker: str = "power",
+  hvp_method: str = "exact",
+  base_grad: PyTree | None = None,
 ) -> PyTree:
   r"""Refreshes every cached eigenvector in an optimizer state, outside the training step.
 
@@ -182,13 +194,19 @@ def refresh_eigenvector(
     tracker: ``"power"`` (power iteration, largest :math:`|\lambda|`) or ``"lanczos"`` (top
       Ritz pair, largest algebraic :math:`\lambda`, of a warm-started Lanczos run with the
       same number of HVPs).
+    hvp_method: ``"exact"`` (forward-over-reverse) or ``"forward_difference"``:
+      :math:`(\nabla L(w + hv) - \nabla L(w))/h`, one gradient per HVP, relative error
+      :math:`O(\sqrt{u})` (:func:`xsam_jax.hessian.hvp`).
+    base_grad: forward differences only: ``grad_fn(params)`` if already at hand (with
+      ``axis_name``, the device's own); otherwise it is computed once and shared by every HVP
+      and every state refreshed.
 
   Returns:
     ``opt_state`` with refreshed ``eigvec`` and ``eigval`` fields.
 
   Raises:
-    ValueError: if ``opt_state`` holds no eigenvector, ``power_iters`` < 1, or ``axis_name``
-      is not a mapped axis here.
+    ValueError: if ``opt_state`` holds no eigenvector, ``power_iters`` < 1, ``hvp_method`` is
+      unknown, or ``axis_name`` is not a mapped axis here.
 
   References:
     Duan, Chen & Guan, "X-SAM: Boosting Sharpness-Aware Minimization with Dominant-Eigenvector
@@ -202,18 +220,35 @@ def refresh_eigenvector(
     >>> state = xsam_jax.refresh_eigenvector(state, jnp.ones(2), jax.grad(loss), power_iters=30)
     >>> round(float(optax.tree.get(state, "eigval")), 3)
     4.0
+    >>> state = xsam_jax.refresh_eigenvector(state, jnp.ones(2), jax.grad(loss), power_iters=30,
+    ...                                      hvp_method="forward_difference")  # 31 gradients
+    >>> round(float(optax.tree.get(state, "eigval")), 2)
+    4.0
   """
   check_positive_int("power_iters", power_iters)
   check_tracker(tracker)
+  hessian.check_hvp_method(hvp_method)
   check_axis("xsam_jax.refresh_eigenvector", axis_name)
   found = []
+  shared = {"base_grad": base_grad}  # computed at the first state that needs it, then shared
 
   def refresh_node(node):
     if not _has_eigvec(node):
       return node
     found.append(True)
+    if hvp_method == "forward_difference" and shared["base_grad"] is None:
+      shared["base_grad"] = hessian.base_gradient(grad_fn, params, axis_name)
     eigval, eigvec = _power_refresh(
-      node.eigvec, params, grad_fn, power_iters, eps, axis_name, unroll, tracker
+      node.eigvec,
+      params,
+      grad_fn,
+      power_iters,
+      eps,
+      axis_name,
+      unroll,
+      tracker,
+      hvp_method,
+      shared["base_grad"],
     )
     return node._replace(eigvec=eigvec, eigval=eigval.astype(node.eigval.dtype))
 

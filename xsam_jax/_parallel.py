@@ -83,8 +83,11 @@ def check_clean_gradient(updates: PyTree, method: str, axis_name: str | None) ->
     if axes:
       raise ValueError(
         f"{method}: the gradient varies over the mapped axes {sorted(axes)} but `axis_name` "
-        f"is None, so every device would step differently. Pass `axis_name={sorted(axes)[0]!r}`"
-        " to the transform: the ascent stays per device and the result is averaged."
+        "is None, so every device would step differently. If that axis splits the batch (data "
+        f"parallelism), pass `axis_name={sorted(axes)[0]!r}` to the transform: the ascent stays "
+        "per device and the result is averaged. Parameters split across devices inside "
+        "shard_map (model parallelism) are not supported, since norms would be per shard: use "
+        "jax.jit with NamedSharding parameters instead, where every sharding is handled."
       )
     return False
   if tracked and not _unreduced(updates, axis_name):
@@ -120,15 +123,18 @@ def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
   return jax.tree.map(cast, tree)
 
 
-def device_mean(tree: PyTree, axis_name: str | None, *, what: str = "grad_fn") -> PyTree:
-  """``lax.pmean`` over ``axis_name`` of per-device values; identity for ``axis_name=None``.
+def check_unreduced(tree: PyTree, axis_name: str | None, *, what: str = "grad_fn") -> None:
+  """Checks that per-device values are the device's own (not yet reduced over ``axis_name``).
+
+  A no-op for ``axis_name=None`` and where the varying type is not tracked (``pmap``,
+  ``shard_map(check_vma=False)``).
 
   Raises:
     ValueError: if, with typed axes, a value is already reduced over ``axis_name`` (e.g. a
       ``grad_fn`` whose loss or gradient is ``pmean``-ed): averaging it again would be silent.
   """
   if axis_name is None:
-    return tree
+    return
   if check_axis("xsam_jax", axis_name) and not _unreduced(tree, axis_name):
     raise ValueError(
       f"xsam_jax: {what} returned a value already reduced over `axis_name={axis_name!r}` while "
@@ -136,6 +142,18 @@ def device_mean(tree: PyTree, axis_name: str | None, *, what: str = "grad_fn") -
       "per-device gradients. Return each device's own gradient (no pmean/psum in the loss or "
       f"the gradient); the transform averages it. Recommended: {RECOMMENDED.format(axis=axis_name)}"
     )
+
+
+def device_mean(tree: PyTree, axis_name: str | None, *, what: str = "grad_fn") -> PyTree:
+  """``lax.pmean`` over ``axis_name`` of per-device values; identity for ``axis_name=None``.
+
+  Raises:
+    ValueError: if, with typed axes, a value is already reduced over ``axis_name`` (see
+      :func:`check_unreduced`).
+  """
+  if axis_name is None:
+    return tree
+  check_unreduced(tree, axis_name, what=what)
   return jax.lax.pmean(tree, axis_name)
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._parallel import device_mean, to_varying
+from xsam_jax._parallel import check_unreduced, device_mean, to_varying
 
 Array = jax.Array
 PyTree = Any
@@ -98,19 +98,51 @@ def ascent_point(params: PyTree, perturbation: PyTree) -> PyTree:
   )
 
 
+def ascent_curvature(
+  grads: PyTree, adv_grads: PyTree, perturbation: PyTree, eps: float = DEFAULT_EPS
+) -> Array:
+  r"""Curvature along the ascent step from SAM's two gradients, at no extra cost.
+
+  .. math::
+     \kappa = \frac{\langle \epsilon,\, g_{adv} - g\rangle}{(\|\epsilon\| + \mathrm{eps})^2}
+     \approx \hat\epsilon^\top H \hat\epsilon ,\qquad
+     \hat\epsilon = \epsilon / \|\epsilon\|,
+
+  since :math:`g_{adv} - g = H\epsilon + O(\|\epsilon\|^2)`; the error is
+  :math:`\tfrac12\langle\hat\epsilon, \nabla^3 L[\hat\epsilon,\hat\epsilon]\rangle
+  \|\epsilon\| + O(\|\epsilon\|^2)` (zero for a quadratic). For SAM,
+  :math:`\epsilon = \rho\hat g` and :math:`\kappa \approx \hat g^\top H \hat g =
+  \langle \hat g, g_{adv} - g\rangle/\rho`. ``rho = 0`` (:math:`\epsilon = 0`) gives 0,
+  never NaN. Float32 (float64 for float64 inputs); the difference is taken per entry before the
+  inner product, so the cancellation in :math:`g_{adv} - g` costs
+  :math:`\approx u\|g\|/\|\epsilon\|` absolute.
+  """
+  e = tree_to_f32(perturbation)
+  diff = jax.tree.map(lambda a, b: a - b.astype(a.dtype), tree_to_f32(adv_grads), grads)
+  return optax.tree.vdot(e, tree_to_f32(diff)) / jnp.square(optax.tree.norm(e) + eps)
+
+
 def perturbed_gradient(
   grad_fn: Callable[[PyTree], PyTree],
   params: PyTree,
   perturbation: PyTree,
   axis_name: str | None,
-) -> PyTree:
-  """``grad_fn(w + epsilon)``, the device's own, averaged over ``axis_name`` when given.
+  grads: PyTree,
+  eps: float = DEFAULT_EPS,
+) -> tuple[PyTree, Array]:
+  """``grad_fn(w + epsilon)`` and :func:`ascent_curvature`, device-averaged over ``axis_name``.
 
-  Inside ``shard_map(check_vma=True)`` the point is marked device-varying first, so that
-  ``grad_fn`` returns the device's own gradient rather than the sum over devices.
+  ``grads`` is the clean gradient (with ``axis_name``, the device's own). Inside
+  ``shard_map(check_vma=True)`` the point is marked device-varying first, so that ``grad_fn``
+  returns the device's own gradient rather than the sum over devices; the curvature is computed
+  from the device's own three vectors and then averaged, like the gradient (one ``pmean``).
+  Returns ``(g_adv, curvature)``.
   """
   point = ascent_point(to_varying(params, axis_name), perturbation)
-  return device_mean(grad_fn(point), axis_name)
+  adv = grad_fn(point)
+  check_unreduced(adv, axis_name)
+  curvature = ascent_curvature(grads, adv, perturbation, eps)
+  return device_mean((adv, curvature), axis_name)
 
 
 def project_out(tree: PyTree, direction: PyTree, alpha: Array | float) -> tuple[PyTree, Array]:

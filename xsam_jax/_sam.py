@@ -31,7 +31,7 @@ PyTree = Any
 
 
 class SAMState(NamedTuple):
-  """State of :func:`sam`.
+  r"""State of :func:`sam`.
 
   Attributes:
     count: number of ``update`` calls so far (int32 scalar), micro-batches included; schedules
@@ -41,11 +41,19 @@ class SAMState(NamedTuple):
     perturbation_norm: global L2 norm of the ascent step ``epsilon`` at the last step
       (``rho`` for SAM; for ASAM the Euclidean length of the adaptive step; with ``axis_name``
       the mean over devices).
+    ascent_curvature: curvature along the ascent step at the last step, free from the two
+      gradients already computed: :math:`\langle \epsilon, g_{adv} - g\rangle /
+      \|\epsilon\|^2 \approx \hat\epsilon^\top H \hat\epsilon` (for SAM
+      :math:`\langle \hat g, g_{adv} - g\rangle/\rho \approx \hat g^\top H \hat g`; for
+      ASAM along the adaptive step :math:`\epsilon`). Exact for a quadratic; error
+      :math:`O(\rho)` otherwise; 0 when ``rho = 0``. With ``axis_name``: the mean over devices
+      of each device's value (its own :math:`g`, :math:`\epsilon`, :math:`g_{adv}`).
   """
 
   count: chex.Array
   grad_norm: chex.Array
   perturbation_norm: chex.Array
+  ascent_curvature: chex.Array
 
 
 def sam_perturbation(
@@ -105,6 +113,10 @@ def sam(
   minibatch loss at other parameters) to ``update``. Norms are global over the whole pytree and
   accumulated in float32 (float64 for float64 params); the result keeps the dtype of
   ``params``, and the state keeps its dtypes across steps.
+
+  Free curvature: the two gradients give :math:`g_{adv} - g \approx H\epsilon`, so the state
+  records ``ascent_curvature`` :math:`= \langle\epsilon, g_{adv} - g\rangle/\|\epsilon\|^2
+  \approx \hat g^\top H \hat g` (SAM) at no extra cost.
 
   Data parallel: under ``jax.jit`` with a sharded batch pass nothing (the ascent uses the global
   gradient). Inside ``shard_map``/``pmap`` pass ``axis_name``: each device ascends along its
@@ -166,7 +178,12 @@ def sam(
 
   def init_fn(params: PyTree) -> SAMState:
     zero = jnp.zeros((), scalar_dtype(params))
-    state = SAMState(count=jnp.zeros((), jnp.int32), grad_norm=zero, perturbation_norm=zero)
+    state = SAMState(
+      count=jnp.zeros((), jnp.int32),
+      grad_norm=zero,
+      perturbation_norm=zero,
+      ascent_curvature=zero,
+    )
     return place_state(state, params)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
@@ -183,7 +200,9 @@ def sam(
       adaptive_mask=mask,
       eps=eps,
     )
-    adv_grads = perturbed_gradient(grad_fn, params, perturbation, axis_name)
+    adv_grads, curvature = perturbed_gradient(
+      grad_fn, params, perturbation, axis_name, updates, eps
+    )
     grad_norm, perturbation_norm = device_mean(
       (grad_norm, tree_norm(perturbation)), axis_name, what="the gradient norm"
     )
@@ -191,6 +210,7 @@ def sam(
       count=optax.safe_increment(state.count),
       grad_norm=grad_norm,
       perturbation_norm=perturbation_norm,
+      ascent_curvature=curvature,
     )
     return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)
 
