@@ -240,6 +240,14 @@ def hvp(
   ``base_grad`` that is not ``grad_fn(params)`` (e.g. clipped, or from another batch) biases
   every product by the difference over :math:`h`.
 
+  The bound assumes a smooth loss (:math:`\nabla^3 L` finite along :math:`v`). **ReLU and
+  max-pool networks break it**: moving the weights by :math:`hv` flips activation and pooling
+  decisions, each flip is a jump in the gradient, and the error does not shrink with :math:`h`.
+  Measured on the digits SimpleCNN (ReLU, max-pool) at init in float32: relative error 45 for a
+  random direction and 2.0 for the top eigenvector (``benchmarks/RESULTS.md``). Use ``"exact"``
+  (which differentiates the piecewise-smooth function, as the papers' double backward does) for
+  such models; ``"forward_difference"`` is for smooth activations (tanh, GELU, swish, softplus).
+
   Args:
     grad_fn: ``params -> grads``, the gradient of the loss whose Hessian is wanted.
     params: the point :math:`w` at which the Hessian is taken.
