@@ -15,15 +15,15 @@ Power iteration is the papers' tracker; "Lanczos" is ``tracker="lanczos"`` of
 One Lanczos run of ``M`` steps yields the ``m``-step answers for every ``m <= M`` (the Krylov
 bases are nested; full reorthogonalisation keeps them exact), so the sweep costs ``M`` HVPs.
 The amortised X-SAM step ``SAM + q HVP / p`` uses HVP and SAM step times measured in the same
-run. Loops run on the host around one jitted HVP (the fast choice on XLA:CPU).
+run (interleaved repeats of the shared harness, :mod:`benchmarks._harness`). Loops run on the
+host around one jitted HVP (the fast choice on XLA:CPU). With ``--out`` the section is written
+into that file between its markers (:mod:`benchmarks._report`), other sections kept.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
 import time
 from collections.abc import Callable
 
@@ -33,33 +33,18 @@ import numpy as np
 import optax
 
 import xsam_jax
-from experiments.models import get_model, init_model
+from benchmarks import _report as report
+from benchmarks._harness import compiled_variant, interleave, make_log
+from benchmarks._problems import make_loss, make_problem
 from xsam_jax import hessian
+
+NAME = "benchmarks.tracker"
 
 TARGET = 0.99
 
 
 def _flat(tree) -> np.ndarray:
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
-
-
-def _setup(name: str, batch: int, seed: int = 0):
-  """Model, params, batch_stats and a fixed random batch (CIFAR-sized unless the MLP/CNN)."""
-  model = get_model(name, num_classes=10)
-  shape = (batch, 32, 32, 3)
-  params, batch_stats = init_model(model, (1, *shape[1:]), jax.random.key(seed))
-  rng = np.random.default_rng(seed)
-  images = rng.normal(size=shape).astype(np.float32)
-  labels = rng.integers(0, 10, size=batch).astype(np.int32)
-  return model, params, batch_stats or None, images, labels
-
-
-def _loss(model, params, batch_stats, images, labels):
-  variables = {"params": params}
-  if batch_stats is not None:
-    variables["batch_stats"] = batch_stats
-  logits = model.apply(variables, images, train=False)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def _ritz_prefix_cosines(alphas, betas, basis, ref: np.ndarray) -> list[float]:
@@ -93,19 +78,17 @@ def _first_reaching(cosines: list[float]) -> int | None:
   return next((i + 1 for i, c in enumerate(cosines) if c >= TARGET), None)
 
 
-def _time(fn, *args, repeats: int = 5) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
-def bench_model(name: str, batch: int, ref_iters: int, max_iters: int, drift_steps: int) -> dict:
-  model, params, batch_stats, images, labels = _setup(name, batch)
-  loss = functools.partial(_loss, model)
+def bench_model(
+  name: str, batch: int, ref_iters: int, max_iters: int, drift_steps: int, repeats: int = 5
+) -> dict:
+  problem = make_problem(name, batch)
+  params, batch_stats, images, labels = (
+    problem.params,
+    problem.batch_stats,
+    problem.images,
+    problem.labels,
+  )
+  loss = make_loss(problem.apply_fn, train=False)
 
   hvp_jit = jax.jit(
     lambda p, v: hessian.hvp(lambda q: jax.grad(loss)(q, batch_stats, images, labels), p, v)
@@ -162,9 +145,14 @@ def bench_model(name: str, batch: int, ref_iters: int, max_iters: int, drift_ste
     },
     max_iters=max_iters,
   )
-  result["hvp_s"] = _time(hvp_jit, params, vec_ref)
-  result["grad_s"] = _time(grad_jit, params)
-  result["sam_s"] = _time(sam_step, params, sam_tx.init(params))
+  log = make_log()
+  variants = [
+    compiled_variant("hvp", hvp_jit, (params, vec_ref), log),
+    compiled_variant("grad", grad_jit, (params,), log),
+    compiled_variant("sam", sam_step, (params, sam_tx.init(params)), log),
+  ]
+  interleave(variants, repeats, budget_s=60.0, seed=0, log=log)
+  result.update({f"{v.name}_s": v.median() for v in variants})
   return result
 
 
@@ -172,18 +160,9 @@ def _fmt(n: int | None, cap: int) -> str:
   return str(n) if n is not None else f">{cap}"
 
 
-def to_markdown(results: list[dict], command: str, ref_iters: int) -> str:
-  """The RESULTS.md section of this benchmark."""
-  cpu = platform.processor()
-  if platform.system() == "Linux":
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), cpu)
+def to_markdown(results: list[dict], meta: dict, ref_iters: int) -> str:
+  """The RESULTS.md section of this benchmark, between its markers."""
   lines = [
-    "## Eigenvector trackers: HVPs to reach |cos| >= 0.99",
-    "",
-    f"Machine: {cpu}, {jax.device_count()} {jax.default_backend()} device(s), jax "
-    f"{jax.__version__}. Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}. "
-    f"Command: `{command}`.",
     "",
     "Cold: from a random vector. Warm: from the converged vector before a few SGD steps moved "
     f"the parameters. Reference: {ref_iters}-step reorthogonalised Lanczos (relative residual "
@@ -216,32 +195,33 @@ def to_markdown(results: list[dict], command: str, ref_iters: int) -> str:
       if q is not None:
         parts.append(f"{tracker} q={q}: {1 + q * r['hvp_s'] / (5 * r['sam_s']):.2f}")
     lines.append(f"- {r['model']}: " + "; ".join(parts))
-  return "\n".join(lines) + "\n"
+  return report.section(NAME, "Eigenvector trackers: HVPs to reach |cos| >= 0.99", meta, lines)
 
 
 def main(argv=None) -> None:
+  """Runs the benchmark, prints the section and, with ``--out``, writes it there."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default="simple_cnn,resnet18")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--ref_iters", type=int, default=60)
   parser.add_argument("--max_iters", type=int, default=40)
   parser.add_argument("--drift_steps", type=int, default=5)
-  parser.add_argument("--out", default=None, help="append the Markdown section to this file")
+  parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+  parser.add_argument("--out", default=None, help="write the Markdown section into this file")
   args = parser.parse_args(argv)
-  command = "python -m benchmarks.tracker " + " ".join(
-    f"--{k} {v}" for k, v in vars(args).items() if k != "out" and v is not None
-  )
+  run = report.Run(NAME, argv)
   results = []
   for name in args.models.split(","):
     t = time.time()
-    r = bench_model(name, args.batch, args.ref_iters, args.max_iters, args.drift_steps)
+    r = bench_model(
+      name, args.batch, args.ref_iters, args.max_iters, args.drift_steps, args.repeats
+    )
     print(name, {k: v for k, v in r.items()}, f"{time.time() - t:.0f}s", flush=True)
     results.append(r)
-  text = to_markdown(results, command, args.ref_iters)
+  text = to_markdown(results, run.meta(), args.ref_iters)
   print(text)
   if args.out:
-    with open(args.out, "a") as f:
-      f.write("\n" + text)
+    report.write_section(args.out, text, NAME, first=False)
 
 
 if __name__ == "__main__":
