@@ -2,7 +2,9 @@
 
 The datasets are small enough to hold in host memory. They are read once into NumPy arrays
 (uint8 images NHWC, int32 labels); batches are then augmented, normalised and shuffled with
-NumPy on the host and placed on the devices with :func:`shard_batch`. TensorFlow is not needed.
+NumPy on the host and placed on the devices with :func:`shard_batch` (one process) or
+:func:`make_global_batch` (any number of processes: each builds only its :func:`process_rows`
+of every batch, which together are exactly the single-process batch). TensorFlow is not needed.
 
 Datasets:
 
@@ -62,7 +64,7 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 # Labels of the independent random streams derived from a user seed.
-_SHUFFLE_STREAM, _AUGMENT_STREAM, _NOISE_STREAM = 0, 1, 2
+_SHUFFLE_STREAM, _AUGMENT_STREAM, _NOISE_STREAM, _SUBSET_STREAM = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,9 @@ def load_dataset(
   data_dir: str | os.PathLike | None = None,
   label_noise: float = 0.0,
   seed: int = 0,
+  *,
+  train_examples: int = 0,
+  validation_fraction: float = 0.0,
 ) -> Dataset:
   """Loads a dataset into host memory.
 
@@ -158,6 +163,10 @@ def load_dataset(
     label_noise: fraction in [0, 1) of training labels to replace by a different class; see
       :func:`add_symmetric_label_noise`.
     seed: seed of the label noise. The digits train/test split does not depend on it.
+    train_examples: keep only this many training examples (0: all), see
+      :func:`subset_and_holdout`.
+    validation_fraction: hold out this fraction of the training examples as the returned
+      dataset's *test* split, see :func:`subset_and_holdout`.
 
   Returns:
     The :class:`Dataset`.
@@ -185,7 +194,7 @@ def load_dataset(
     else:
       mean, std = spec.mean, spec.std
   noisy_y = add_symmetric_label_noise(train_y, num_classes, label_noise, seed)
-  return Dataset(
+  dataset = Dataset(
     name=name,
     train_images=train_x,
     train_labels=noisy_y,
@@ -199,6 +208,44 @@ def load_dataset(
     augment_pad=pad,
     augment_flip=flip,
   )
+  return subset_and_holdout(dataset, train_examples, validation_fraction, seed)
+
+
+def subset_and_holdout(
+  dataset: Dataset, train_examples: int = 0, validation_fraction: float = 0.0, seed: int = 0
+) -> Dataset:
+  """A smaller training set and/or a validation split carved from the training set.
+
+  One permutation of the training examples per ``seed`` (its own random stream, so the label
+  noise of the same seed is unchanged): the first ``train_examples`` (0: all) are kept, and of
+  those the first ``round(validation_fraction * kept)`` become the *test* split of the result
+  (images, and the labels the model would have trained on: noisy ones stay noisy, since a user
+  does not know which are wrong). The real test set is then not in the result at all, so a
+  hyperparameter search on it cannot touch the test set. Normalisation constants are kept.
+
+  Raises:
+    ValueError: for a ``validation_fraction`` outside [0, 1) or too few examples.
+  """
+  if not 0.0 <= validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+  if train_examples == 0 and validation_fraction == 0.0:
+    return dataset
+  if not 0 <= train_examples <= dataset.num_train:
+    raise ValueError(f"train_examples must be in [0, {dataset.num_train}], got {train_examples}")
+  order = np.random.default_rng([seed, _SUBSET_STREAM]).permutation(dataset.num_train)
+  order = order[: train_examples or dataset.num_train]
+  num_val = round(validation_fraction * len(order))
+  if validation_fraction and not 0 < num_val < len(order):
+    raise ValueError(f"validation_fraction {validation_fraction} leaves no validation or train")
+  val, train = np.sort(order[:num_val]), np.sort(order[num_val:])
+  changes = dict(
+    train_images=dataset.train_images[train],
+    train_labels=dataset.train_labels[train],
+    clean_train_labels=dataset.clean_train_labels[train],
+  )
+  if num_val:
+    changes.update(test_images=dataset.train_images[val], test_labels=dataset.train_labels[val])
+  return dataclasses.replace(dataset, **changes)
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -356,6 +403,8 @@ def augment_batch(
   pad: int = 4,
   flip: bool = True,
   pad_mode: str = "constant",
+  rows: slice | None = None,
+  batch_size: int | None = None,
 ) -> np.ndarray:
   """Random crop after padding, then random left-right flip, for a whole batch at once.
 
@@ -370,25 +419,31 @@ def augment_batch(
     flip: whether to flip left-right at random.
     pad_mode: ``"constant"`` pads with zeros (torchvision ``RandomCrop(32, padding=4)``, as in
       the Eigen-SAM/X-SAM code); ``"reflect"`` mirrors the border (the SAM JAX code).
+    rows: ``images`` are these rows of a batch of ``batch_size`` (one process's share): the
+      random numbers are drawn for the whole batch and these rows get theirs, so the shares of
+      all processes put together equal the augmented whole batch.
+    batch_size: the whole batch's size when ``rows`` is given.
 
   Returns:
     Augmented images with the shape and dtype of ``images``.
   """
   if pad < 0:
     raise ValueError(f"pad must be >= 0, got {pad}")
-  batch, height, width, _ = images.shape
+  num, height, width, _ = images.shape
+  total = num if rows is None else batch_size
+  rows = slice(0, num) if rows is None else rows
   padded = images
   if pad > 0:
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=pad_mode)
-  dy = rng.integers(0, 2 * pad + 1, size=batch)
-  dx = rng.integers(0, 2 * pad + 1, size=batch)
-  rows = dy[:, None] + np.arange(height)  # (B, H)
-  cols = np.broadcast_to(np.arange(width), (batch, width))
+  dy = rng.integers(0, 2 * pad + 1, size=total)[rows]
+  dx = rng.integers(0, 2 * pad + 1, size=total)[rows]
+  rows_index = dy[:, None] + np.arange(height)  # (B, H)
+  cols = np.broadcast_to(np.arange(width), (num, width))
   if flip:
-    mirrored = rng.random(batch) < 0.5
+    mirrored = (rng.random(total) < 0.5)[rows]
     cols = np.where(mirrored[:, None], cols[:, ::-1], cols)
   cols = dx[:, None] + cols  # (B, W)
-  return padded[np.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  return padded[np.arange(num)[:, None, None], rows_index[:, :, None], cols[:, None, :]]
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -432,6 +487,7 @@ def train_batches(
   augment_flip: bool | None = None,
   pad_mode: str = "constant",
   start_step: int = 0,
+  rows: slice | None = None,
 ) -> Iterator[Batch]:
   """Yields one epoch of shuffled, augmented, normalised training batches.
 
@@ -450,9 +506,12 @@ def train_batches(
     augment_flip: random flips; ``None`` takes ``dataset.augment_flip``.
     pad_mode: padding of the crop, see :func:`augment_batch`.
     start_step: first step to yield (to resume within an epoch).
+    rows: yield only these rows of every batch (this process's share, see
+      :func:`process_rows`); they are exactly those rows of the whole batch, augmentation
+      included, and only they are read, augmented and normalised.
 
   Yields:
-    ``{"image": float32 (B, H, W, C), "label": int32 (B,)}``.
+    ``{"image": float32 (B, H, W, C), "label": int32 (B,)}`` (B = the rows' count with ``rows``).
   """
   if seed < 0 or epoch < 0 or start_step < 0:
     raise ValueError(f"seed, epoch and start_step must be >= 0, got {seed}, {epoch}, {start_step}")
@@ -465,17 +524,23 @@ def train_batches(
   order = epoch_permutation(dataset.num_train, seed, epoch)
   for step in range(start_step, steps_per_epoch(dataset.num_train, batch_size)):
     index = order[step * batch_size : (step + 1) * batch_size]
+    if rows is not None:
+      index = index[rows]
     images = dataset.train_images[index]
     if augment:
       rng = np.random.default_rng([seed, _AUGMENT_STREAM, epoch, step])
-      images = augment_batch(images, rng, pad=pad, flip=flip, pad_mode=pad_mode)
+      images = augment_batch(
+        images, rng, pad=pad, flip=flip, pad_mode=pad_mode, rows=rows, batch_size=batch_size
+      )
     yield {
       "image": normalize(images, dataset.mean, dataset.std),
       "label": dataset.train_labels[index],
     }
 
 
-def test_batches(dataset: Dataset, batch_size: int, *, split: str = "test") -> Iterator[Batch]:
+def test_batches(
+  dataset: Dataset, batch_size: int, *, split: str = "test", rows: slice | None = None
+) -> Iterator[Batch]:
   """Yields a split in order, without augmentation, keeping the remainder.
 
   Every batch has ``batch_size`` rows, so a jitted eval step compiles once. The final batch is
@@ -486,6 +551,7 @@ def test_batches(dataset: Dataset, batch_size: int, *, split: str = "test") -> I
     dataset: the data.
     batch_size: rows per batch.
     split: ``"test"``, or ``"train"`` to evaluate on the (possibly noisy) training labels.
+    rows: yield only these rows of every batch (this process's share).
 
   Yields:
     ``{"image": float32 (B, H, W, C), "label": int32 (B,), "mask": float32 (B,)}``.
@@ -507,6 +573,8 @@ def test_batches(dataset: Dataset, batch_size: int, *, split: str = "test") -> I
     label[:real] = labels[start : start + real]
     mask = np.zeros((batch_size,), np.float32)
     mask[:real] = 1.0
+    if rows is not None:
+      image, label, mask = image[rows], label[rows], mask[rows]
     yield {"image": image, "label": label, "mask": mask}
 
 
@@ -576,3 +644,43 @@ def shard_batch(
   for value in batch.values():
     check_batch_size(int(np.shape(value)[0]), num_shards)
   return jax.device_put(dict(batch), sharding)
+
+
+def process_rows(sharding: Sharding, batch_size: int) -> slice:
+  """The rows of a global batch of ``batch_size`` that this process's devices hold.
+
+  With the meshes of :mod:`experiments.sharding` (devices ordered by process) they are one
+  contiguous block: process ``p`` of ``n`` holds rows ``[p * B / n, (p + 1) * B / n)``. In a
+  single process it is every row.
+
+  Raises:
+    ValueError: when the rows of this process are not one contiguous block.
+  """
+  index_map = sharding.addressable_devices_indices_map((batch_size,))
+  spans = sorted(
+    {(i[0].start or 0, batch_size if i[0].stop is None else i[0].stop) for i in index_map.values()}
+  )
+  start, stop = spans[0][0], spans[-1][1]
+  covered = sum(b - a for a, b in spans)
+  if covered != stop - start:  # a gap (equal-sized shards cannot overlap and fill one)
+    raise ValueError(
+      f"this process's devices hold the batch rows {spans}, not one contiguous block; order "
+      "the mesh's devices by process (experiments.sharding.make_mesh does)"
+    )
+  return slice(start, stop)
+
+
+def make_global_batch(
+  local: Mapping[str, np.ndarray], sharding: Sharding, batch_size: int
+) -> dict[str, jax.Array]:
+  """Global arrays of ``batch_size`` rows from this process's rows (:func:`process_rows`).
+
+  Every process passes only its own share; ``jax.make_array_from_process_local_data`` puts
+  each row on the device that holds it. In one process the share is the whole batch.
+  """
+  return {
+    key: jax.make_array_from_process_local_data(
+      sharding, np.asarray(value), (batch_size, *np.shape(value)[1:])
+    )
+    for key, value in local.items()
+  }

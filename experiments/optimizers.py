@@ -76,7 +76,7 @@ def asam_mask(params: Any) -> Any:
 def sharpness_method(
   method: str,
   *,
-  rho: float,
+  rho: float | optax.Schedule,
   alpha: float = 0.2,
   eta: float = 0.01,
   refresh_every: int = 5,
@@ -150,9 +150,12 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
     )
+  rho: float | optax.Schedule = config.rho
+  if config.rho_warmup_epochs > 0:  # linear from 0 to rho, then constant
+    rho = optax.linear_schedule(0.0, config.rho, round(config.rho_warmup_epochs * steps_per_epoch))
   sharp = sharpness_method(
     method,
-    rho=config.rho,
+    rho=rho,
     alpha=config.alpha,
     eta=config.eta,
     refresh_every=refresh_every,

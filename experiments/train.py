@@ -7,6 +7,17 @@ lambda_max estimate, JSONL/TensorBoard metrics and orbax checkpoints with exact 
 Outputs in ``--workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one record
 per logged step and per epoch), ``tb/`` (TensorBoard), ``checkpoints/`` and, at the end,
 ``summary.json`` (test accuracy, final lambda_max, wall time).
+
+Scaling out (see README "Scaling out"): the same command runs in every process of a
+multi-process job on JAX's distributed runtime (``--coordinator``, ``--num_processes`` and
+``--process_id`` for a local launch, or the cluster's environment). The mesh spans all
+processes' devices; each process reads and augments only its rows of every batch, and
+``jax.make_array_from_process_local_data`` assembles the global batch, which is the same as in
+one process, so the result does not depend on the process count. ``--mesh data=N,model=M``
+also splits the large weights (and their optimizer-state twins, ``eigvec`` included) over
+``model`` (:mod:`experiments.sharding`). Process 0 writes ``config.json``, metrics, TensorBoard
+and ``summary.json``; every process takes part in the orbax checkpoints, which restore under
+any process count and mesh.
 """
 
 from __future__ import annotations
@@ -26,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from experiments import data as data_lib
+from experiments import distributed
+from experiments import sharding as sharding_lib
 from experiments.configs.base import RESUME_FREE, TrainConfig, load_config
 from experiments.models import count_params, get_model, init_model
 from experiments.optimizers import OptimizerSpec, build_optimizer
@@ -38,6 +50,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+# Settings that may differ between the processes of one run (host-local paths, display).
+PER_PROCESS = frozenset({"data_dir", "progress"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +81,20 @@ def create_state(
   )
 
 
+def init_state(
+  config: TrainConfig, dataset: data_lib.Dataset, spec: OptimizerSpec, mesh: Mesh
+) -> tuple[training.TrainState, Any]:
+  """The initial state laid out on ``mesh`` by :func:`experiments.sharding.state_shardings`.
+
+  It is created by one jitted program whose ``out_shardings`` are those shardings, so every
+  process builds only its own pieces (no process ever holds a global array it cannot address)
+  and the values are those of an unsharded initialisation. Returns ``(state, shardings)``.
+  """
+  make = functools.partial(create_state, config, dataset, spec)
+  shardings = sharding_lib.state_shardings(jax.eval_shape(make), mesh)
+  return jax.jit(make, out_shardings=shardings)(), shardings
+
+
 def use_static_refresh(config: TrainConfig) -> bool:
   """Host-decided refresh on XLA:CPU, where control flow around convolutions is 25-30x slower
   (jax-ml/jax#12868); one program with ``lax.cond`` elsewhere."""
@@ -75,12 +103,28 @@ def use_static_refresh(config: TrainConfig) -> bool:
   return config.refresh_path == "static"
 
 
-def make_train_step(config: TrainConfig, spec: OptimizerSpec):
-  """The jitted step ``(state, batch, *, refresh) -> (state, metrics)``."""
-  dropout_key = jax.random.key(config.seed + 1)
+def make_train_step(
+  config: TrainConfig,
+  spec: OptimizerSpec,
+  state_sharding: Any = None,
+  batch_sharding: NamedSharding | None = None,
+):
+  """The jitted step ``(state, batch, *, refresh) -> (state, metrics)``.
 
-  @functools.partial(jax.jit, static_argnames=("refresh",), donate_argnums=(0,))
-  def train_step(state, batch, *, refresh=None):
+  With ``state_sharding`` (and the batch's sharding) the step's ``in_shardings`` and
+  ``out_shardings`` pin the state to that layout: parameters, their optimizer-state twins and
+  the ``eigvec`` the library returns keep their shardings from step to step, metrics come back
+  replicated, and the step compiles once (once per ``refresh`` value on the static path).
+  """
+  dropout_key = jax.random.key(config.seed + 1)
+  shardings: dict[str, Any] = {}
+  if state_sharding is not None:
+    replicated = sharding_lib.replicated(batch_sharding.mesh)
+    shardings = dict(
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated)
+    )
+
+  def step(state, batch, refresh):
     out = training.linen_grad_fns(
       state,
       cross_entropy,
@@ -103,11 +147,17 @@ def make_train_step(config: TrainConfig, spec: OptimizerSpec):
       metrics["abs_cos"] = jnp.abs(optax.tree.get(state.opt_state, "cos"))
     return state, metrics
 
+  # `refresh` is positional inside: jit accepts no keyword arguments with in_shardings.
+  compiled = jax.jit(step, static_argnums=(2,), donate_argnums=(0,), **shardings)
+
+  def train_step(state, batch, *, refresh=None):
+    return compiled(state, batch, refresh)
+
+  train_step.jitted = compiled  # for compile counts: train_step.jitted._cache_size()
   return train_step
 
 
-@jax.jit
-def eval_step(state: training.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _eval_sums(state: training.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Sums of loss, correct predictions and examples over the real (mask = 1) examples."""
   variables = {"params": state.params}
   if state.batch_stats is not None:
@@ -119,10 +169,23 @@ def eval_step(state: training.TrainState, batch: dict[str, jax.Array]) -> dict[s
   return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "n": jnp.sum(mask)}
 
 
+eval_step = jax.jit(_eval_sums)
+
+
+@functools.cache
+def _eval_step_on(mesh: Mesh):
+  """:func:`eval_step` whose sums come back replicated on ``mesh`` (readable in every process)."""
+  return jax.jit(_eval_sums, out_shardings=sharding_lib.replicated(mesh))
+
+
 def evaluate(state, dataset: data_lib.Dataset, batch_size: int, mesh: Mesh) -> dict[str, float]:
+  """Test loss and accuracy; each process reads only its rows of every test batch."""
+  sharding = sharding_lib.batch_sharding(mesh)
+  rows = data_lib.process_rows(sharding, batch_size)
+  step = _eval_step_on(mesh)
   totals = None
-  for batch in data_lib.test_batches(dataset, batch_size):
-    out = eval_step(state, data_lib.shard_batch(batch, mesh))
+  for batch in data_lib.test_batches(dataset, batch_size, rows=rows):
+    out = step(state, data_lib.make_global_batch(batch, sharding, batch_size))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {
@@ -160,6 +223,14 @@ def lambda_max(state, dataset: data_lib.Dataset, config: TrainConfig) -> float:
   n = min(config.lambda_max_examples, dataset.num_train)
   images = data_lib.normalize(dataset.train_images[:n], dataset.mean, dataset.std)
   labels = dataset.train_labels[:n].astype(np.int32)
+  shardings = {x.sharding for x in jax.tree.leaves(state.params)}
+  if any(isinstance(s, NamedSharding) for s in shardings):
+    # The same examples on every device, as global arrays of the parameters' mesh.
+    mesh = next(s.mesh for s in shardings if isinstance(s, NamedSharding))
+    replicated = sharding_lib.replicated(mesh)
+    images, labels = (
+      jax.make_array_from_process_local_data(replicated, x) for x in (images, labels)
+    )
   key = jax.random.key(config.seed + 2)
   args = (state.params, state.batch_stats, state.apply_fn, images, labels)
   if jax.default_backend() != "cpu":
@@ -177,13 +248,33 @@ def lambda_max(state, dataset: data_lib.Dataset, config: TrainConfig) -> float:
 
 
 class RunDir:
-  """The files of one run in ``workdir``; never overwrites another run's work."""
+  """The files of one run in ``workdir``; never overwrites another run's work.
 
-  def __init__(self, workdir: Path, config: TrainConfig, tensorboard: bool):
+  In a multi-process run every process checks the directory (read-only) at construction; after
+  all agreed (``open_now=False``, then :meth:`open`), process 0 alone writes ``config.json``,
+  metrics and TensorBoard, and every process takes part in the orbax checkpoints.
+  """
+
+  def __init__(
+    self, workdir: Path, config: TrainConfig, tensorboard: bool, *, open_now: bool = True
+  ):
     self.path = workdir
     self.config = config
-    self.path.mkdir(parents=True, exist_ok=True)
-    self._check_or_write_config()
+    self.primary = distributed.is_primary()
+    self._tensorboard = tensorboard and self.primary
+    self._tb = None  # opened at the first record, so a failed resume writes nothing
+    self.manager = None
+    self._has_config = self._check_config()
+    if open_now:
+      self.open()
+
+  def open(self) -> None:
+    """Writes ``config.json`` (process 0) and opens the checkpoint manager (every process)."""
+    if self.primary:
+      self.path.mkdir(parents=True, exist_ok=True)
+      if not self._has_config:
+        (self.path / CONFIG_FILE).write_text(self.config.to_json())
+    distributed.barrier(f"xsam_jax run directory {self.path.absolute()}")
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
@@ -191,10 +282,9 @@ class RunDir:
       (self.path / CHECKPOINT_DIR).absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
     )
-    self._tensorboard = tensorboard
-    self._tb = None  # opened at the first record, so a failed resume writes nothing
 
-  def _check_or_write_config(self) -> None:
+  def _check_config(self) -> bool:
+    """Raises unless ``workdir`` is new, empty or holds this config; True if it holds it."""
     config_path = self.path / CONFIG_FILE
     if config_path.exists():
       # A field added to TrainConfig after the run started reads as its default there.
@@ -211,14 +301,14 @@ class RunDir:
           f"--workdir {self.path} holds a run with another config ({details}). Nothing was "
           "changed there. Use a new --workdir, or the same config to resume that run."
         )
-      return
-    leftovers = [p.name for p in self.path.iterdir()]
+      return True
+    leftovers = [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
     if leftovers:
       raise ValueError(
         f"--workdir {self.path} is not empty ({', '.join(sorted(leftovers))}) and has no "
         f"{CONFIG_FILE}. Nothing was changed there; choose an empty or new --workdir."
       )
-    config_path.write_text(self.config.to_json())
+    return False
 
   def latest_epoch(self) -> int | None:
     return self.manager.latest_step()
@@ -248,6 +338,9 @@ class RunDir:
     self.manager.wait_until_finished()
 
   def log(self, record: dict[str, Any]) -> None:
+    """Appends a record to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+    if not self.primary:
+      return
     with open(self.path / METRICS_FILE, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self._tensorboard and self._tb is None:
@@ -261,8 +354,13 @@ class RunDir:
         if isinstance(v, float | int) and k not in ("step", "epoch"):
           self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
+  def write_summary(self, summary: dict[str, Any]) -> None:
+    if self.primary:
+      (self.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
   def close(self) -> None:
-    self.manager.close()
+    if self.manager is not None:
+      self.manager.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -271,28 +369,72 @@ class RunDir:
 # The loop.
 
 
+def _batch_split_error(config: TrainConfig, mesh: Mesh) -> str | None:
+  """Why ``config.batch_size`` cannot be split evenly over the devices and processes, or None."""
+  devices, processes = mesh.devices.size, jax.process_count()
+  if config.batch_size % devices == 0:
+    return None
+  if processes == 1:
+    return (
+      f"batch_size {config.batch_size} is not divisible by the device count {devices}; use a "
+      f"multiple of {devices}"
+    )
+  return (
+    f"batch_size {config.batch_size} is not divisible by the device count {devices} of the "
+    f"{processes} processes ({jax.local_device_count()} devices each): every process must "
+    f"feed the same whole number of rows to each of its devices; use a multiple of {devices}"
+  )
+
+
 def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int | None = None):
   """Trains (or resumes) one run; returns ``(summary, state)``, the summary also in summary.json.
 
   The summary is None when the run stopped early (``max_epochs_this_run``). A finished run
   returns its summary without training; if it was killed after its last checkpoint but before
   writing ``summary.json``, the rerun computes the summary from that checkpoint.
+
+  In a multi-process run every process calls this with the same config: they first check that
+  they agree (same config, a batch that splits over every device, a usable ``workdir``) and all
+  stop with the same error, before anything is written, if one of them cannot go on.
   """
   start_time = time.time()
-  dataset = data_lib.load_dataset(
-    config.dataset, data_dir=config.data_dir, label_noise=config.label_noise, seed=config.seed
-  )
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  data_lib.check_batch_size(config.batch_size, jax.device_count())
-  steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, config.batch_size)
-  if steps_per_epoch < 1:
-    raise ValueError(
-      f"`batch_size` {config.batch_size} exceeds the {dataset.num_train} training examples of "
-      f"{config.dataset}; use a smaller batch_size."
+  distributed.check_same_config(json.loads(config.to_json()), ignore=PER_PROCESS)
+  error: Exception | None = None
+  try:
+    dataset = data_lib.load_dataset(
+      config.dataset,
+      data_dir=config.data_dir,
+      label_noise=config.label_noise,
+      seed=config.seed,
+      train_examples=config.train_examples,
+      validation_fraction=config.validation_fraction,
     )
+    mesh = sharding_lib.make_mesh(config.mesh)
+    if (message := _batch_split_error(config, mesh)) is not None:
+      raise ValueError(message)
+    steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, config.batch_size)
+    if steps_per_epoch < 1:
+      raise ValueError(
+        f"`batch_size` {config.batch_size} exceeds the {dataset.num_train} training examples "
+        f"of {config.dataset}; use a smaller batch_size."
+      )
+    run = RunDir(Path(workdir), config, config.tensorboard, open_now=False)
+  except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    error = exc
+  distributed.agree(error)  # every process stops here if any of them cannot go on
   spec = build_optimizer(config, steps_per_epoch)
-  state = jax.device_put(create_state(config, dataset, spec), NamedSharding(mesh, P()))
-  run = RunDir(Path(workdir), config, config.tensorboard)
+  state, state_sharding = init_state(config, dataset, spec, mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  rows = data_lib.process_rows(batch_sharding, config.batch_size)
+  if jax.process_count() > 1:
+    print(
+      f"[{distributed.tag()}] {jax.local_device_count()} of {jax.device_count()} devices, mesh "
+      f"{sharding_lib.describe(mesh)}, reading rows {rows.start}:{rows.stop} of every batch of "
+      f"{config.batch_size}",
+      file=sys.stderr,
+      flush=True,
+    )
+  run.open()
   start_epoch = run.latest_epoch() or 0
   summary_path = Path(workdir) / SUMMARY_FILE
   static = spec.tracks_eigvec and use_static_refresh(config)
@@ -305,14 +447,14 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
       # checkpoint (evaluation and lambda_max are deterministic) without training again.
       record = {**run.last_epoch_record(), **evaluate(state, dataset, config.batch_size, mesh)}
       lam = lambda_max(state, dataset, config)
-      summary = _summary(config, spec, static, state, record, lam, start_time, 0.0)
-      summary_path.write_text(json.dumps(summary, indent=2))
+      summary = _summary(config, spec, static, state, record, lam, start_time, 0.0, mesh)
+      run.write_summary(summary)
     run.close()
     return summary, state
   if start_epoch:
     state = run.restore(state, start_epoch)
     run.log({"kind": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})
-  train_step = make_train_step(config, spec)
+  train_step = make_train_step(config, spec, state_sharding, batch_sharding)
   total_steps = config.epochs * steps_per_epoch
   progress = _progress(config, total_steps, start_epoch * steps_per_epoch)
   stop_epoch = config.epochs
@@ -324,12 +466,14 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
   for epoch in range(start_epoch, stop_epoch):
     epoch_start = time.time()
     sums: dict[str, jax.Array] = {}
-    for i, batch in enumerate(
-      data_lib.train_batches(dataset, config.batch_size, config.seed, epoch, augment=config.augment)
-    ):
+    batches = data_lib.train_batches(
+      dataset, config.batch_size, config.seed, epoch, augment=config.augment, rows=rows
+    )
+    for i, local_batch in enumerate(batches):
       step = epoch * steps_per_epoch + i
       refresh = is_due(step, spec.refresh_every) if static else None
-      state, metrics = train_step(state, data_lib.shard_batch(batch, mesh), refresh=refresh)
+      batch = data_lib.make_global_batch(local_batch, batch_sharding, config.batch_size)
+      state, metrics = train_step(state, batch, refresh=refresh)
       sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
       if step % config.log_every == 0:
         step_record = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -372,8 +516,8 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
     progress.close()
   summary = None
   if stop_epoch == config.epochs and record:
-    summary = _summary(config, spec, static, state, record, lam, start_time, train_seconds)
-    summary_path.write_text(json.dumps(summary, indent=2))
+    summary = _summary(config, spec, static, state, record, lam, start_time, train_seconds, mesh)
+    run.write_summary(summary)
   run.close()
   return summary, state
 
@@ -387,6 +531,7 @@ def _summary(
   lam: float,
   start_time: float,
   train_seconds: float,
+  mesh: Mesh,
 ) -> dict[str, Any]:
   """The ``summary.json`` of a finished run from its last epoch ``record`` and lambda_max."""
   return {
@@ -406,15 +551,21 @@ def _summary(
     "refresh_every": spec.refresh_every if spec.tracks_eigvec else None,
     "backend": jax.default_backend(),
     "devices": jax.device_count(),
+    "processes": jax.process_count(),
+    "mesh": sharding_lib.describe(mesh),
   }
 
 
 def _progress(config: TrainConfig, total: int, initial: int):
-  if not config.progress:
+  """A tqdm bar in process 0 (its label says ``process 0 of n`` in a multi-process run)."""
+  if not config.progress or not distributed.is_primary():
     return None
   from tqdm.auto import tqdm
 
-  return tqdm(total=total, initial=initial, desc=config.optimizer, unit="step", leave=True)
+  desc = config.optimizer
+  if jax.process_count() > 1:
+    desc = f"{desc} [{distributed.tag()}]"
+  return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -441,14 +592,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default=None,
     help="stop cleanly (after checkpointing) once this many epochs ran in this invocation",
   )
+  parser.add_argument(
+    "--mesh",
+    default=None,
+    metavar="data=N,model=M",
+    help="device mesh over all processes (same as --set mesh=...): the batch is split over "
+    "all N*M devices and large weights over the M of `model` (default: data=<all devices>)",
+  )
+  scale = parser.add_argument_group(
+    "multi-process (JAX distributed runtime; see README 'Scaling out')",
+    "Start the same command once per process. On a cluster that JAX detects (SLURM, Open MPI, "
+    "Cloud TPU pods, Kubernetes, or JAX_COORDINATOR_ADDRESS set) nothing else is needed; "
+    "--distributed forces the detection.",
+  )
+  scale.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+  scale.add_argument("--num_processes", type=int, default=None, help="processes in the run")
+  scale.add_argument("--process_id", type=int, default=None, help="this process, in [0, N)")
+  scale.add_argument(
+    "--distributed", action="store_true", help="join the job the cluster environment describes"
+  )
+  scale.add_argument(
+    "--init_timeout",
+    type=int,
+    default=distributed.DEFAULT_TIMEOUT_S,
+    metavar="SECONDS",
+    help="give up (with an error) if the coordinator or the other processes do not answer",
+  )
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  overrides = list(args.overrides)
+  if args.mesh is not None:
+    overrides.append(f"mesh={args.mesh}")
   try:
-    config = load_config(args.config, args.overrides)
-  except ValueError as exc:
+    config = load_config(args.config, overrides)
+    distributed.initialize(
+      args.coordinator,
+      args.num_processes,
+      args.process_id,
+      auto=args.distributed,
+      timeout_s=args.init_timeout,
+    )
+  except (ValueError, distributed.CoordinatorUnreachableError) as exc:
     print(f"error: {exc}", file=sys.stderr)
     return 2
   workdir = args.workdir

@@ -359,3 +359,34 @@ def test_shard_batch_splits_over_two_devices_and_rejects_odd_batches():
   lines = result.stdout.splitlines()
   assert lines[0] == "2 [[0, 1], [2, 3]]", result.stderr
   assert lines[1].startswith("REJECTED batch_size 3 is not divisible by the device count 2")
+
+
+def test_process_shares_of_a_batch_put_together_are_the_whole_batch(digits):
+  # Each process of a multi-process run reads, augments and normalises only its rows; the
+  # random crops of its rows must be those the whole batch would get.
+  whole = list(data.train_batches(digits, 64, seed=3, epoch=1))
+  halves = [slice(0, 32), slice(32, 64)]
+  shares = [list(data.train_batches(digits, 64, seed=3, epoch=1, rows=r)) for r in halves]
+  assert len(shares[0]) == len(whole)
+  for step, batch in enumerate(whole):
+    for key in ("image", "label"):
+      joined = np.concatenate([share[step][key] for share in shares])
+      np.testing.assert_array_equal(joined, batch[key])
+  whole_test = list(data.test_batches(digits, 64))
+  test_shares = [list(data.test_batches(digits, 64, rows=r)) for r in halves]
+  for step, batch in enumerate(whole_test):
+    for key in ("image", "label", "mask"):
+      joined = np.concatenate([share[step][key] for share in test_shares])
+      np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_a_single_process_reads_every_row_and_builds_the_global_batch_from_them(digits):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  sharding = data.data_sharding(mesh)
+  batch_size = 2 * jax.device_count()
+  assert data.process_rows(sharding, batch_size) == slice(0, batch_size)
+  batch = next(data.test_batches(digits, batch_size))
+  placed = data.make_global_batch(batch, sharding, batch_size)
+  for key, value in placed.items():
+    assert value.shape == batch[key].shape and value.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(value), batch[key])

@@ -23,18 +23,31 @@ def test_read_epochs_keeps_the_last_record_of_each_epoch(tmp_path):
   assert out[1]["train_loss"] == 1.4 and out[1]["lambda_max"] == 3.0
 
 
-def test_format_table_shows_accuracy_lambda_and_time():
+def test_format_table_shows_best_and_final_accuracy_memorisation_lambda_and_time():
   table = demo.format_table(
     [
       {
-        "optimizer": "xsam",
-        "test_accuracy": 0.98,
+        "optimizer": "sgd",
+        "best_test_accuracy": 0.92,
+        "best_epoch": 6,
+        "test_accuracy": 0.71,
+        "train_accuracy": 1.0,
         "final_lambda_max": 4.36,
         "train_seconds_this_run": 12.5,
       }
     ]
   )
-  assert "xsam" in table and "98.00%" in table and "4.360" in table and "12.5s" in table
+  row = table.splitlines()[2]
+  assert "sgd" in row and "92.00% (ep 6)" in row and "71.00%" in row and "100.00%" in row
+  assert "4.360" in row and "12.5s" in row
+
+
+def test_demo_runs_in_the_memorising_regime_before_the_users_overrides():
+  # No augmentation and batch 128: SGD memorises the 40% wrong labels within 30 epochs.
+  assert "augment=false" in demo.DEMO_OVERRIDES and "batch_size=128" in demo.DEMO_OVERRIDES
+  config = demo.load_config(f"{demo.CONFIG}:sam", [*demo.DEMO_OVERRIDES, "batch_size=64"])
+  assert config.label_noise == 0.4 and not config.augment and config.batch_size == 64
+  assert config.rho_warmup_epochs > 0
 
 
 @pytest.mark.slow
@@ -59,6 +72,6 @@ def test_demo_runs_end_to_end_and_writes_table_and_png(tmp_path, capsys):
   )
   assert code == 0
   out = capsys.readouterr().out
-  assert "sgd" in out and "xsam" in out
+  assert "sgd" in out and "xsam" in out and "train acc (noisy)" in out
   assert (tmp_path / "demo.png").stat().st_size > 10_000
   assert (tmp_path / "table.txt").exists()

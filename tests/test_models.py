@@ -251,11 +251,47 @@ def test_init_model_returns_running_statistics_for_batchnorm_models():
   assert "bias" not in params["conv1"]
 
 
-def test_kernels_start_from_pytorch_default_uniform_distribution(digits_cnn_init):
+def test_simple_cnn_kernels_start_lecun_normal(digits_cnn_init):
   kernel = np.asarray(digits_cnn_init[0]["conv4"]["kernel"])
+  np.testing.assert_allclose(kernel.std(), 1.0 / math.sqrt(3 * 3 * 64), rtol=0.05)
+  assert np.abs(kernel).max() > 1.5 / math.sqrt(3 * 3 * 64)  # not the old uniform interval
+
+
+def test_torch_init_variant_keeps_pytorch_default_uniform_distribution():
+  params, _ = init_model(get_model("simple_cnn_torch_init", 10), (1, 8, 8, 1), init_key())
+  kernel = np.asarray(params["conv4"]["kernel"])
   bound = 1.0 / math.sqrt(3 * 3 * 64)
   assert np.abs(kernel).max() <= bound
   np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3.0), rtol=0.05)
+
+
+def _layer_rms_at_init(model: nn.Module) -> dict[str, float]:
+  """RMS of every layer's output (before its ReLU) on 256 normalised digits, at init."""
+  from experiments import data
+
+  ds = data.load_dataset("digits")
+  x = data.normalize(ds.train_images[:256], ds.mean, ds.std)
+  params, _ = init_model(model, (1, 8, 8, 1), init_key())
+  _, state = jax.jit(
+    lambda p, x: model.apply(
+      {"params": p}, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+  )(params, x)
+  inter = state["intermediates"]
+  return {
+    name: float(jnp.sqrt(jnp.mean(jnp.square(inter[name]["__call__"][0]))))
+    for name in ("conv1", "conv2", "conv3", "conv4", "fc1", "head")
+  }
+
+
+def test_simple_cnn_keeps_the_signal_through_its_layers_at_init():
+  # Without BatchNorm, PyTorch's default init (variance 1/(3 fan_in)) shrinks the signal by
+  # ~sqrt(1/6) per ReLU layer: logits of RMS ~0.01 and a long plateau at loss 2.30 (issue 9).
+  rms = _layer_rms_at_init(SimpleCNN())
+  assert min(rms.values()) > 0.15, rms
+  assert rms["head"] > 0.15, rms  # logits large enough to carry a gradient signal
+  old = _layer_rms_at_init(get_model("simple_cnn_torch_init", 10))
+  assert old["head"] < 0.03 and old["head"] < 0.1 * rms["head"], old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,5 +359,13 @@ def test_get_model_forwards_keyword_arguments_to_the_module():
   assert get_model("alexnet", 10, dropout_rate=0.5).dropout_rate == 0.5
 
 
-def test_registry_holds_the_six_models_of_the_papers():
-  assert set(MODELS) == {"resnet18", "resnet34", "resnet50", "wrn28_10", "alexnet", "simple_cnn"}
+def test_registry_holds_the_six_models_of_the_papers_and_the_old_simple_cnn_init():
+  assert set(MODELS) == {
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "wrn28_10",
+    "alexnet",
+    "simple_cnn",
+    "simple_cnn_torch_init",
+  }

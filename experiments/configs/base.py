@@ -42,6 +42,12 @@ class TrainConfig:
   dataset: str = "digits"
   data_dir: str | None = None
   label_noise: float = 0.0  # symmetric noise on training labels (SAM paper Table 4)
+  # A smaller training set: keep this many training examples (0: all), drawn per seed after
+  # the label noise. Validation: hold out this fraction of the (kept) training examples; the
+  # run then trains on the rest and its "test" metrics are on the held-out examples (labels
+  # as trained on, noisy ones included), so hyperparameters are chosen without the test set.
+  train_examples: int = 0
+  validation_fraction: float = 0.0
   augment: bool = True
   # Model.
   model: str = "simple_cnn"
@@ -60,6 +66,9 @@ class TrainConfig:
   b2: float = 0.999  # AdamW only
   # Sharpness methods.
   rho: float = 0.05
+  # Linear warm-up of rho from 0 over this many epochs (0: none), for the SAM family: a large
+  # rho can hold the net on its initial saddle (experiments/RESULTS.md, "The start").
+  rho_warmup_epochs: float = 0.0
   alpha: float = 0.2
   eta: float = 0.01  # ASAM: official class default (example_cifar.py passes 0.0)
   refresh_every: int = 5  # p
@@ -72,6 +81,10 @@ class TrainConfig:
   tracker: str = "power"  # eigenvector refresh: "power" (papers) or "lanczos"
   eig_eval_mode: bool = True  # HVPs with eval-mode BatchNorm, as the papers' code
   refresh_path: str = "auto"  # "cond" (one compile), "static" (host decides), "auto"
+  # Devices: "data=N,model=M" splits the batch over all N*M devices and large weights over the
+  # M of `model` (experiments/sharding.py); "" is data=<all devices>, model=1. The result does
+  # not depend on it, so a run may resume under another mesh or process count.
+  mesh: str = ""
   # Bookkeeping.
   seed: int = 0
   eval_every: int = 1  # epochs
@@ -87,7 +100,7 @@ class TrainConfig:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-RESUME_FREE = frozenset({"progress", "tensorboard", "data_dir", "log_every"})
+RESUME_FREE = frozenset({"progress", "tensorboard", "data_dir", "log_every", "mesh"})
 
 
 def _parse_value(name: str, text: str, annotation: Any) -> Any:
@@ -144,6 +157,13 @@ def validate(config: TrainConfig) -> TrainConfig:
   for name in ("epochs", "batch_size", "eval_every", "checkpoint_every", "log_every"):
     if getattr(config, name) < 1:
       raise ValueError(f"`{name}` must be >= 1, got {getattr(config, name)}")
+  if not 0.0 <= config.validation_fraction < 1.0:
+    raise ValueError(f"`validation_fraction` must be in [0, 1), got {config.validation_fraction}")
+  if config.train_examples < 0 or config.rho_warmup_epochs < 0:
+    raise ValueError("`train_examples` and `rho_warmup_epochs` must be >= 0")
+  from experiments.sharding import parse_mesh
+
+  parse_mesh(config.mesh)  # the syntax; the device count is checked when the run starts
   return config
 
 

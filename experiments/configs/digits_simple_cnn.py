@@ -23,6 +23,9 @@ def get_config(optimizer: str = "xsam") -> TrainConfig:
       batch_size=64,
       lr=0.1,
       rho=0.05,  # SAM's "solid default"
+      # Plain SAM: rho from the first step. At rho >= 0.1 the SAM family sits on the initial
+      # saddle for epochs; rho_warmup_epochs=5 is the remedy (RESULTS.md, "The start").
+      rho_warmup_epochs=0.0,
       alpha=0.2,  # X-SAM / Eigen-SAM default
       # X-SAM as the Theorem 5.1 operator (I - alpha v v^T) g_adv, which keeps SAM's gradient
       # scale, so all methods share lr=0.1. The paper's Eq. 11 form (normalize=True) hands a

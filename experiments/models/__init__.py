@@ -37,6 +37,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   "wrn28_10": functools.partial(WideResNet, depth=28, widen_factor=10),
   "alexnet": AlexNet,
   "simple_cnn": SimpleCNN,
+  # The SimpleCNN before issue 9, with PyTorch's default init: reproduces the earlier plateau.
+  "simple_cnn_torch_init": functools.partial(SimpleCNN, kernel_init="torch"),
 }
 
 

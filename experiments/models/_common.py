@@ -16,6 +16,10 @@ Dtype = Any
 # Biases start at zero here (PyTorch draws them from the same interval; with BN it is moot).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
+# LeCun normal, variance 1/fan_in (Flax's default for Dense and Conv). The SimpleCNN default:
+# see `experiments.models.simple_cnn` for why it replaced PyTorch's default there.
+lecun_normal = nn.initializers.lecun_normal()
+
 # Kaiming normal, fan_out, as `WideResNet-pytorch` initialises its convolutions.
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 

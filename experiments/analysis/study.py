@@ -1,0 +1,555 @@
+r"""The benchmark protocol of issue 9: tuned on validation, tested once, 5 seeds, paired CIs.
+
+``python -m experiments.analysis.study [--root runs/study_digits] [--out
+experiments/figures/study_digits] [--set k=v ...]`` (``make study``). Resumable: every run is
+one :func:`experiments.train.train` in its own directory, and a finished run is read, not rerun,
+so an interrupted study continues where it stopped when the same command is run again.
+``--report_only`` writes the tables and figures from the runs that exist.
+
+Protocol (defaults; every grid and count is a flag):
+
+* **Regimes.** Digits (SimpleCNN, the config's lr 0.1 cosine, momentum 0.9, wd 5e-4, X-SAM
+  p = q = 5) with no augmentation and batch 128 (:data:`STUDY_OVERRIDES`), with 20%, 40% and
+  60% symmetric label noise trained for ``--epochs`` (30: long enough that SGD memorises, its
+  training accuracy on the 40%-noisy labels reaches 100%), and ``small``: a clean training set
+  of ``--small_examples`` (300) images trained for ``--small_epochs`` (150).
+* **Tuning on validation only.** ``validation_fraction`` (0.2) of each training set is held out
+  (``experiments.data.subset_and_holdout``: its labels are the noisy ones a user would have)
+  and the model trains on the rest. SAM's ρ over ``--sam_rhos``; Eigen-SAM's and X-SAM's (ρ, α)
+  over ``--eig_rhos`` × ``--alphas``. The setting with the best mean validation accuracy over
+  ``--tune_seeds`` wins (ties: the earlier in grid order). Only ``--tune_regimes`` are tuned;
+  the other regimes take the choice of the regime ``--tune_from`` names (by default the 20%
+  and 60% regimes use the 40% choice), which saves two thirds of the tuning.
+* **Test once.** With the chosen settings, every method trains on the full training set for
+  ``--seeds`` (5) seeds and is evaluated on the test set (clean labels). The same seed gives
+  every method the same label-noise draw, the same training subset and the same init, so
+  X-SAM − SAM and X-SAM − Eigen-SAM are *paired* per seed.
+* **Statistics.** Mean ± half-width of the 95% t-interval (n − 1 degrees of freedom) over seeds;
+  for the paired differences, the interval of the per-seed differences.
+* **Equal compute** (``--compute_regimes``): SGD and the tuned SAM again, with their epochs
+  multiplied so that they spend X-SAM's gradient evaluations: X-SAM costs 2 gradients + q/p
+  Hessian-vector products per step (one HVP counted as one gradient evaluation; it is ~1.5-3×
+  a gradient in wall time), SAM 2, SGD 1.
+* **Sharpness.** ``final λ_max`` is the train CLI's independent Lanczos estimate (never the
+  optimizer's cached value), and the test runs estimate it every ``--lambda_every`` epochs for
+  the λ_max-over-training figure.
+* **ρ warm-up.** Every SAM-family run ramps ρ linearly from 0 over ``--rho_warmup`` of its
+  epochs (10%, the same for every method): without it, ρ ≥ 0.1 holds the net on its initial
+  saddle (see RESULTS.md, "The start"), and the ρ grid would only measure that.
+
+The user's ``--set`` overrides come last and apply to every run (tuning, test and equal
+compute alike). Outputs: ``<out>.md`` (tables), ``<out>.csv`` (one row per run),
+``<out>_acc.png`` (test accuracy with intervals), ``<out>_lambda.png`` (λ_max over training and
+final λ_max against accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.analysis import common
+
+REGIMES = ("noise20", "noise40", "noise60", "small")
+# The study's fixed changes to the digits config (before the user's --set): no augmentation
+# and batch 128, so that SGD memorises the noisy labels within 30 epochs (100% training
+# accuracy at 40% noise, measured) on a CPU budget; a checkpoint every 10 epochs.
+STUDY_OVERRIDES = ("augment=false", "batch_size=128", "checkpoint_every=10")
+METHODS = ("sgd", "sam", "eigen_sam", "xsam")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the study.
+
+  Attributes:
+    stage: ``"tune"`` (validation), ``"test"`` (the final table) or ``"compute"`` (equal
+      gradient-evaluation budget).
+    regime: one of :data:`REGIMES`.
+    method: the optimizer name.
+    setting: the hyperparameters that vary, as ``field=value`` overrides (may be empty).
+    seed: the run's seed.
+    overrides: every override of the run, in order (regime, stage, setting, user).
+  """
+
+  stage: str
+  regime: str
+  method: str
+  setting: tuple[str, ...]
+  seed: int
+  overrides: tuple[str, ...]
+
+  @property
+  def name(self) -> str:
+    """The run's directory below the study root."""
+    label = "__".join(s.replace("=", "") for s in self.setting) or "default"
+    return f"{self.stage}/{self.regime}/{self.method}/{label}/seed{self.seed}"
+
+
+def regime_overrides(regime: str, args: argparse.Namespace) -> list[str]:
+  """The config overrides that define a regime (its data and its length)."""
+  if regime == "small":
+    return [
+      "label_noise=0.0",
+      f"train_examples={args.small_examples}",
+      f"epochs={args.small_epochs}",
+    ]
+  if regime.startswith("noise"):
+    return [f"label_noise={int(regime[5:]) / 100}", f"epochs={args.epochs}"]
+  raise ValueError(f"unknown regime {regime!r}; choose one of {list(REGIMES)}")
+
+
+def regime_epochs(regime: str, args: argparse.Namespace) -> int:
+  return args.small_epochs if regime == "small" else args.epochs
+
+
+def grid(method: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
+  """The hyperparameter settings tuned for ``method`` (SGD: one, nothing to tune)."""
+  if method == "sam":
+    return [(f"rho={r}",) for r in args.sam_rhos]
+  if method in ("eigen_sam", "xsam"):
+    return [(f"rho={r}", f"alpha={a}") for r in args.eig_rhos for a in args.alphas]
+  return [()]
+
+
+def warmup(method: str, regime: str, args: argparse.Namespace, epochs: int | None = None) -> list:
+  if method == "sgd" or not args.rho_warmup:
+    return []
+  epochs = epochs or regime_epochs(regime, args)
+  return [f"rho_warmup_epochs={round(args.rho_warmup * epochs, 3)}"]
+
+
+def xsam_grads_per_step(config: Any) -> float:
+  """Gradient evaluations per X-SAM step: 2 gradients + q HVPs every p steps (HVP = 1)."""
+  return 2.0 + config.power_iters / config.refresh_every
+
+
+def tune_runs(args: argparse.Namespace) -> list[Run]:
+  runs = []
+  for regime in args.tune_regimes:
+    base = [*regime_overrides(regime, args), f"validation_fraction={args.validation_fraction}"]
+    base.append("lambda_max_every=0")
+    for method in args.methods:
+      if method == "sgd":
+        continue
+      for setting in grid(method, args):
+        for seed in args.tune_seeds:
+          extra = [*base, *warmup(method, regime, args), *setting, f"seed={seed}"]
+          runs.append(Run("tune", regime, method, setting, seed, (*extra, *args.overrides)))
+  return runs
+
+
+def tuned_source(regime: str, args: argparse.Namespace) -> str:
+  """The regime whose validation choice ``regime`` uses."""
+  if regime in args.tune_regimes:
+    return regime
+  return args.tune_from
+
+
+def test_and_compute_runs(
+  args: argparse.Namespace, choice: dict[tuple[str, str], tuple[str, ...]], xsam_cost: float
+) -> list[Run]:
+  """Seed-major: a partial study has every regime and method for its first seeds."""
+  runs = []
+  for seed in args.seeds:
+    for regime in args.regimes:
+      epochs = regime_epochs(regime, args)
+      lam = f"lambda_max_every={max(1, epochs // args.lambda_points)}"
+      for method in args.methods:
+        setting = choice.get((tuned_source(regime, args), method), ())
+        extra = [*regime_overrides(regime, args), lam, *warmup(method, regime, args), *setting]
+        runs.append(
+          Run("test", regime, method, setting, seed, (*extra, f"seed={seed}", *args.overrides))
+        )
+      if regime not in args.compute_regimes:
+        continue
+      for method, cost in (("sgd", 1.0), ("sam", 2.0)):
+        if method not in args.methods:
+          continue
+        setting = choice.get((tuned_source(regime, args), method), ())
+        long = round(epochs * xsam_cost / cost)
+        extra = [
+          *regime_overrides(regime, args),
+          f"epochs={long}",
+          f"lambda_max_every={max(1, long // args.lambda_points)}",
+          *warmup(method, regime, args, long),
+          *setting,
+        ]
+        runs.append(
+          Run("compute", regime, method, setting, seed, (*extra, f"seed={seed}", *args.overrides))
+        )
+  return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
+  """Mean and half-width of the two-sided t confidence interval (NaN half-width for n < 2)."""
+  xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+  n = len(xs)
+  if n == 0:
+    return math.nan, math.nan, 0
+  mean = sum(xs) / n
+  if n < 2:
+    return mean, math.nan, n
+  from scipy import stats
+
+  sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+  return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+  """The per-seed differences a − b over the seeds both have: t-interval, wins/ties/losses."""
+  seeds = sorted(set(a) & set(b))
+  diffs = [a[s] - b[s] for s in seeds]
+  mean, half, n = t_interval(diffs)
+  return {
+    "mean": mean,
+    "half": half,
+    "n": n,
+    "wins": sum(d > 1e-9 for d in diffs),
+    "ties": sum(abs(d) <= 1e-9 for d in diffs),
+    "losses": sum(d < -1e-9 for d in diffs),
+  }
+
+
+def verdict(p: dict[str, Any]) -> str:
+  """``win``/``loss`` when the 95% interval of the paired difference excludes 0, else ``tie``."""
+  if p["n"] < 2 or math.isnan(p["half"]):
+    return "n/a"
+  if p["mean"] - p["half"] > 0:
+    return "win"
+  if p["mean"] + p["half"] < 0:
+    return "loss"
+  return "tie"
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+  """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points."""
+  if len(x) < 3:
+    return math.nan
+  from scipy import stats
+
+  return float(stats.spearmanr(x, y).statistic)
+
+
+# --------------------------------------------------------------------------------------------
+# Running.
+
+
+def run_all(runs: Sequence[Run], args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
+  """Runs (or reads) ``runs`` in order, printing progress with an ETA; returns their rows."""
+  rows = []
+  start, trained = time.time(), 0
+  for i, run in enumerate(runs):
+    workdir = Path(args.root) / run.name
+    config = common.make_config(args.config, run.method, run.overrides)
+    done = (workdir / "summary.json").exists()
+    summary = common.run_or_load(config, workdir, log=None)
+    if not done:
+      trained += 1
+    elapsed = time.time() - start
+    eta = (
+      elapsed
+      / trained
+      * sum(not (Path(args.root) / r.name / "summary.json").exists() for r in runs[i + 1 :])
+      if trained
+      else math.nan
+    )
+    log(
+      f"[{i + 1}/{len(runs)}] {'read' if done else 'ran '} {run.name}: "
+      f"acc={summary['test_accuracy']:.4f} lambda={summary['final_lambda_max']:.3g} "
+      f"elapsed={elapsed / 60:.1f} min eta={eta / 60:.1f} min"
+    )
+    rows.append(row_of(run, workdir, summary))
+  return rows
+
+
+def row_of(run: Run, workdir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+  epochs = common.read_metrics(workdir, "epoch")
+  last = epochs[-1] if epochs else {}
+  return {
+    "stage": run.stage,
+    "regime": run.regime,
+    "method": run.method,
+    "setting": " ".join(run.setting),
+    "seed": run.seed,
+    "accuracy": summary["test_accuracy"],
+    "final_lambda_max": summary["final_lambda_max"],
+    "train_accuracy": last.get("train_accuracy"),
+    "train_loss": last.get("train_loss"),
+    "epochs": summary["epochs"],
+    "wall_seconds": summary.get("wall_seconds_this_run"),
+    "seconds_per_epoch": common.seconds_per_epoch(epochs),
+    "lambda_curve": [(r["epoch"], r["lambda_max"]) for r in epochs if "lambda_max" in r],
+  }
+
+
+def choose(tune_rows: Sequence[dict[str, Any]], runs: Sequence[Run]) -> dict:
+  """The best setting per (regime, method) by mean validation accuracy (ties: grid order)."""
+  order = {}
+  for run in runs:
+    order.setdefault((run.regime, run.method), [])
+    if " ".join(run.setting) not in order[(run.regime, run.method)]:
+      order[(run.regime, run.method)].append(" ".join(run.setting))
+  choice = {}
+  for key, settings in order.items():
+    best, best_acc = None, -math.inf
+    for setting in settings:
+      accs = [
+        r["accuracy"]
+        for r in tune_rows
+        if (r["regime"], r["method"]) == key and r["setting"] == setting
+      ]
+      acc = float(np.mean(accs)) if accs else -math.inf
+      if acc > best_acc + 1e-12:
+        best, best_acc = setting, acc
+    if best is not None:
+      choice[key] = tuple(best.split()) if best else ()
+  return choice
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
+  if math.isnan(mean):
+    return "–"
+  if math.isnan(half):
+    return f"{scale * mean:.{digits}f}"
+  return f"{scale * mean:.{digits}f} ± {scale * half:.{digits}f}"
+
+
+def report(
+  tune_rows: Sequence[dict[str, Any]],
+  rows: Sequence[dict[str, Any]],
+  choice: dict,
+  args: argparse.Namespace,
+) -> str:
+  """The Markdown tables: tuning, final, paired differences, equal compute, λ_max vs accuracy."""
+  lines = ["### Tuning (validation accuracy, %, mean over tuning seeds)", ""]
+  lines += ["| regime | method | setting | val acc | seeds | chosen |", "|---|---|---|---|---|---|"]
+  keys = sorted({(r["regime"], r["method"], r["setting"]) for r in tune_rows})
+  for regime, method, setting in keys:
+    accs = [
+      r["accuracy"]
+      for r in tune_rows
+      if (r["regime"], r["method"], r["setting"]) == (regime, method, setting)
+    ]
+    chosen = "**yes**" if " ".join(choice.get((regime, method), ("?",))) == setting else ""
+    lines.append(
+      f"| {regime} | {method} | {setting} | {100 * np.mean(accs):.1f} | {len(accs)} | {chosen} |"
+    )
+  lines += ["", "### Test (clean test accuracy %, mean ± 95% t-interval over seeds)", ""]
+  lines += [
+    "| regime | method | setting | test acc | final λ_max | train acc (noisy labels) | n "
+    "| s/epoch |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  by = {}
+  for r in rows:
+    by.setdefault((r["stage"], r["regime"], r["method"]), []).append(r)
+  for stage in ("test", "compute"):
+    for regime in args.regimes:
+      for method in args.methods:
+        group = by.get((stage, regime, method))
+        if not group:
+          continue
+        acc = t_interval([r["accuracy"] for r in group])
+        lam = t_interval([r["final_lambda_max"] for r in group])
+        tr = t_interval([r["train_accuracy"] for r in group])
+        spe = float(np.median([r["seconds_per_epoch"] for r in group]))
+        name = method if stage == "test" else f"{method}, equal compute ({group[0]['epochs']} ep)"
+        lines.append(
+          f"| {regime} | {name} | {group[0]['setting'] or '–'} | {_fmt(*acc[:2])} | "
+          f"{_fmt(*lam[:2], scale=1.0, digits=2)} | {_fmt(*tr[:2])} | {acc[2]} | {spe:.2f} |"
+        )
+  lines += ["", "### Paired differences (test accuracy points, same seeds; 95% t-interval)", ""]
+  lines += ["| regime | comparison | difference | n | wins/ties/losses | verdict |"]
+  lines += ["|---|---|---|---|---|---|"]
+  pairs = [
+    ("test", "xsam", "test", "sam"),
+    ("test", "xsam", "test", "eigen_sam"),
+    ("test", "sam", "test", "sgd"),
+    ("test", "xsam", "compute", "sam"),
+    ("test", "xsam", "compute", "sgd"),
+  ]
+  for regime in args.regimes:
+    for sa, ma, sb, mb in pairs:
+      a = {r["seed"]: r["accuracy"] for r in by.get((sa, regime, ma), [])}
+      b = {r["seed"]: r["accuracy"] for r in by.get((sb, regime, mb), [])}
+      if not a or not b:
+        continue
+      p = paired(a, b)
+      label_b = mb if sb == "test" else f"{mb} (equal compute)"
+      lines.append(
+        f"| {regime} | {ma} − {label_b} | {_fmt(p['mean'], p['half'])} | {p['n']} | "
+        f"{p['wins']}/{p['ties']}/{p['losses']} | {verdict(p)} |"
+      )
+  lines += ["", "### Does lower final λ_max go with higher test accuracy? (test runs)", ""]
+  lines += ["| regime | Spearman(λ_max, acc) over runs | runs |", "|---|---|---|"]
+  for regime in args.regimes:
+    group = [r for r in rows if r["stage"] == "test" and r["regime"] == regime]
+    rho_s = spearman([r["final_lambda_max"] for r in group], [r["accuracy"] for r in group])
+    lines.append(f"| {regime} | {rho_s:.2f} | {len(group)} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], args: argparse.Namespace, out: str) -> None:
+  plt = common.pyplot()
+  regimes = [g for g in args.regimes if any(r["regime"] == g for r in rows)]
+  if not regimes:
+    return
+  labels = [*args.methods, *[f"{m} (eq. compute)" for m in ("sgd", "sam")]]
+  fig, ax = plt.subplots(figsize=(2.6 * len(regimes) + 2, 4))
+  width = 0.8 / len(labels)
+  for j, label in enumerate(labels):
+    stage, method = ("compute", label.split()[0]) if "eq." in label else ("test", label)
+    means, halves, xs = [], [], []
+    for i, regime in enumerate(regimes):
+      group = [
+        r["accuracy"]
+        for r in rows
+        if (r["stage"], r["regime"], r["method"]) == (stage, regime, method)
+      ]
+      if group:
+        m, h, _ = t_interval(group)
+        means.append(100 * m)
+        halves.append(0.0 if math.isnan(h) else 100 * h)
+        xs.append(i + (j - len(labels) / 2 + 0.5) * width)
+    if xs:
+      ax.errorbar(xs, means, yerr=halves, fmt="o", capsize=3, label=label)
+  ax.set_xticks(range(len(regimes)), regimes)
+  ax.set_ylabel("clean test accuracy (%), mean ± 95% CI")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(f"{out}_acc.png", dpi=120)
+  plt.close(fig)
+
+  fig, axes = plt.subplots(2, len(regimes), figsize=(3.6 * len(regimes), 7), squeeze=False)
+  for i, regime in enumerate(regimes):
+    ax = axes[0][i]
+    for method in args.methods:
+      curves = [
+        r["lambda_curve"]
+        for r in rows
+        if (r["stage"], r["regime"], r["method"]) == ("test", regime, method) and r["lambda_curve"]
+      ]
+      if curves:
+        n = min(len(c) for c in curves)
+        epochs = [e for e, _ in curves[0][:n]]
+        ax.plot(epochs, np.mean([[v for _, v in c[:n]] for c in curves], axis=0), label=method)
+    ax.set_title(f"{regime}: λ_max over training")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes[1][i]
+    for method in args.methods:
+      group = [
+        r for r in rows if (r["stage"], r["regime"], r["method"]) == ("test", regime, method)
+      ]
+      ax.scatter(
+        [r["final_lambda_max"] for r in group],
+        [100 * r["accuracy"] for r in group],
+        label=method,
+        s=18,
+      )
+    ax.set_xlabel("final λ_max")
+    ax.set_ylabel("test acc (%)")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(f"{out}_lambda.png", dpi=120)
+  plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m experiments.analysis.study", description=__doc__)
+  common.add_run_args(parser)
+  parser.add_argument("--root", default="runs/study_digits")
+  parser.add_argument("--out", default="experiments/figures/study_digits")
+  parser.add_argument("--regimes", default=",".join(REGIMES))
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--seeds", default="0,1,2,3,4")
+  parser.add_argument("--tune_seeds", default="0,1")
+  parser.add_argument("--tune_regimes", default="noise40,small")
+  parser.add_argument("--tune_from", default="noise40")
+  parser.add_argument("--compute_regimes", default="noise40")
+  parser.add_argument("--sam_rhos", default="0.05,0.1,0.2")
+  parser.add_argument("--eig_rhos", default="0.05,0.1")
+  parser.add_argument("--alphas", default="0.2,0.5")
+  parser.add_argument("--epochs", type=int, default=30)
+  parser.add_argument("--small_examples", type=int, default=300)
+  parser.add_argument("--small_epochs", type=int, default=150)
+  parser.add_argument("--validation_fraction", type=float, default=0.2)
+  parser.add_argument("--rho_warmup", type=float, default=0.1, help="fraction of the epochs")
+  parser.add_argument("--lambda_points", type=int, default=6, help="λ_max estimates per run")
+  parser.add_argument("--report_only", action="store_true")
+  args = parser.parse_args(argv)
+  for name in ("regimes", "methods", "tune_regimes", "compute_regimes"):
+    setattr(args, name, common.parse_list(getattr(args, name)))
+  for name in ("seeds", "tune_seeds"):
+    setattr(args, name, common.parse_list(getattr(args, name), int))
+  for name in ("sam_rhos", "eig_rhos", "alphas"):
+    setattr(args, name, common.parse_list(getattr(args, name), float))
+  args.tune_regimes = [g for g in args.tune_regimes if g in args.regimes]
+  for regime in args.regimes:
+    regime_overrides(regime, args)  # raises for an unknown regime
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  common.enable_compilation_cache(args.jax_cache)
+  args.overrides = [*STUDY_OVERRIDES, *args.overrides]
+  xsam_cost = xsam_grads_per_step(common.make_config(args.config, "xsam", args.overrides))
+  # Regime by regime (tuned regimes first), so that a partial study has whole regimes.
+  order = sorted(args.regimes, key=lambda g: g not in args.tune_regimes)
+  all_tuning = tune_runs(args)
+  tune_rows, rows, choice = [], [], {}
+  for regime in order:
+    tuning = [r for r in all_tuning if r.regime == regime]
+    if args.report_only:
+      tuning = [r for r in tuning if (Path(args.root) / r.name / "summary.json").exists()]
+    print(f"== {regime}: tuning, {len(tuning)} runs on validation splits", flush=True)
+    tune_rows += run_all(tuning, args, log=lambda s: print(s, flush=True))
+    choice.update(choose(tune_rows, all_tuning))
+    for (g, method), setting in sorted(choice.items()):
+      if g == regime:
+        print(f"chosen on validation: {g} {method} {' '.join(setting) or '(default)'}")
+    runs = test_and_compute_runs(_only(args, regime), choice, xsam_cost)
+    if args.report_only:
+      runs = [r for r in runs if (Path(args.root) / r.name / "summary.json").exists()]
+    print(f"== {regime}: test and equal-compute, {len(runs)} runs", flush=True)
+    rows += run_all(runs, args, log=lambda s: print(s, flush=True))
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  text = report(tune_rows, rows, choice, args)
+  Path(f"{args.out}.md").write_text(text)
+  common.write_csv(f"{args.out}.csv", [*tune_rows, *rows])
+  Path(f"{args.out}.json").write_text(
+    json.dumps({"args": vars(args), "tune": tune_rows, "runs": rows}, indent=1, default=str)
+  )
+  plot(rows, args, args.out)
+  print("\n" + text)
+  return 0
+
+
+def _only(args: argparse.Namespace, regime: str) -> argparse.Namespace:
+  """``args`` restricted to one regime."""
+  return argparse.Namespace(**{**vars(args), "regimes": [regime]})
+
+
+if __name__ == "__main__":
+  sys.exit(main())
