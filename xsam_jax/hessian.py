@@ -285,15 +285,20 @@ def hvp(
   """
   check_hvp_method(hvp_method)
   if hvp_method == "forward_difference":
-    if base_grad is None:
-      base_grad = base_gradient(grad_fn, params, axis_name)
-    else:
-      check_unreduced(base_grad, axis_name, what="`base_grad`")
+    base_grad = _fd_base(grad_fn, params, base_grad, axis_name)
     return _forward_difference(grad_fn, params, v, base_grad, axis_name, eps)
   primal = to_varying(params, axis_name)
   tangent = to_varying(tree_cast_like(v, params), axis_name)
   _, out = jax.jvp(grad_fn, (primal,), (tangent,))
   return device_mean(out, axis_name, what="grad_fn (in a Hessian-vector product)")
+
+
+def _fd_base(grad_fn, params, base_grad, axis_name):
+  """The finite-difference base gradient: ``base_grad`` checked, or computed once here."""
+  if base_grad is None:
+    return base_gradient(grad_fn, params, axis_name)
+  check_unreduced(base_grad, axis_name, what="`base_grad`")
+  return base_grad
 
 
 def make_hvp_fn(
@@ -329,10 +334,7 @@ def make_hvp_fn(
   """
   check_hvp_method(hvp_method)
   if hvp_method == "forward_difference":
-    if base_grad is None:
-      base_grad = base_gradient(grad_fn, params, axis_name)
-    else:
-      check_unreduced(base_grad, axis_name, what="`base_grad`")
+    base_grad = _fd_base(grad_fn, params, base_grad, axis_name)
   else:
     base_grad = None
   return lambda v: hvp(
