@@ -360,12 +360,17 @@ def test_train_state_forwards_extra_args_and_requires_grad_fn_for_xsam():
 def test_train_state_step_compiles_once_across_eigenvector_refreshes():
   x, y = batch()
   state = linen_state(TXS["xsam"])
-  traces = TRACES["linen"]
   eigvals = []
-  for _ in range(4):
+  for step in range(4):
+    if step == 1:
+      # From the second step on, the inputs are the step's own outputs: any new trace is a
+      # retrace between refresh and plain steps. (The first call may trace once, or not at all
+      # when an earlier test compiled the same step; CI once counted 2 traces over the 4 calls
+      # under xdist and the cause was not found, so the first call is measured apart.)
+      traces = TRACES["linen"]
     state, _ = linen_step_jit(state, x, y)
     eigvals.append(float(optax.tree.get(state.opt_state, "eigval")))
-  assert TRACES["linen"] - traces <= 1  # 0 when an earlier test compiled the same step
+  assert TRACES["linen"] - traces == 0
   assert int(state.step) == 4
   assert eigvals[0] != 0.0 and eigvals[1] == eigvals[0]  # refreshed at step 0, kept at 1
   assert eigvals[2] != eigvals[1] and eigvals[3] == eigvals[2]  # refreshed at step 2
