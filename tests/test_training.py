@@ -2,6 +2,10 @@
 
 import collections
 import functools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -358,22 +362,33 @@ def test_train_state_forwards_extra_args_and_requires_grad_fn_for_xsam():
 
 
 def test_train_state_step_compiles_once_across_eigenvector_refreshes():
-  x, y = batch()
-  state = linen_state(TXS["xsam"])
-  eigvals = []
-  for step in range(4):
-    if step == 1:
-      # From the second step on, the inputs are the step's own outputs: any new trace is a
-      # retrace between refresh and plain steps. (The first call may trace once, or not at all
-      # when an earlier test compiled the same step; CI once counted 2 traces over the 4 calls
-      # under xdist and the cause was not found, so the first call is measured apart.)
-      traces = TRACES["linen"]
-    state, _ = linen_step_jit(state, x, y)
-    eigvals.append(float(optax.tree.get(state.opt_state, "eigval")))
-  assert TRACES["linen"] - traces == 0
-  assert int(state.step) == 4
-  assert eigvals[0] != 0.0 and eigvals[1] == eigvals[0]  # refreshed at step 0, kept at 1
-  assert eigvals[2] != eigvals[1] and eigvals[3] == eigvals[2]  # refreshed at step 2
+  # In a fresh interpreter: under xdist, CI twice counted one extra trace after earlier tests in
+  # the same worker (cause not found: it does not reproduce alone or with the suspect files).
+  # The check itself is unchanged: 4 steps of one jitted function, refresh at steps 0 and 2.
+  script = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, "tests")
+    import optax
+    import test_training as t
+    x, y = t.batch()
+    state = t.linen_state(t.TXS["xsam"])
+    eigvals = []
+    for _ in range(4):
+      state, _ = t.linen_step_jit(state, x, y)
+      eigvals.append(float(optax.tree.get(state.opt_state, "eigval")))
+    assert t.TRACES["linen"] == 1, t.TRACES
+    assert int(state.step) == 4
+    assert eigvals[0] != 0.0 and eigvals[1] == eigvals[0]  # refreshed at step 0, kept at 1
+    assert eigvals[2] != eigvals[1] and eigvals[3] == eigvals[2]  # refreshed at step 2
+    print("OK")
+    """
+  )
+  root = Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 def test_nnx_step_runs_alike_under_nnx_jit_and_plain_jax_jit_of_split_merge():
