@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The multi-process training launches take minutes on CI's 2 cores: `make test-multiprocess`.
+# Everything, the multi-process launches included (`make test-multiprocess` runs those alone).
+# `--dist loadfile`: one worker per test file, so session fixtures (reference runs) run once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not multiprocess"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # Only the multi-process tests (local processes joined by jax.distributed; gloo on CPU).
 test-multiprocess: $(STAMP)

@@ -59,8 +59,8 @@ PER_PROCESS = frozenset({"data_dir", "progress"})
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy and accuracy (the loss's aux), in float32."""
-  logits = logits.astype(jnp.float32)
+  """Mean cross-entropy and accuracy (the loss's aux), in float32 (float64 for float64 logits)."""
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
@@ -76,6 +76,8 @@ def create_state(
     kwargs["dropout_rate"] = config.dropout_rate
   model = get_model(config.model, dataset.num_classes, **kwargs)
   params, batch_stats = init_model(model, (1, *dataset.image_shape), jax.random.key(config.seed))
+  if config.compute_dtype == "float64":  # the float32 initial values, held in float64
+    params, batch_stats = optax.tree.cast((params, batch_stats), jnp.float64)
   return training.TrainState.create(
     apply_fn=model.apply, params=params, tx=spec.tx, batch_stats=batch_stats or None
   )
@@ -162,7 +164,8 @@ def _eval_sums(state: training.TrainState, batch: dict[str, jax.Array]) -> dict[
   variables = {"params": state.params}
   if state.batch_stats is not None:
     variables["batch_stats"] = state.batch_stats
-  logits = state.apply_fn(variables, batch["image"], train=False).astype(jnp.float32)
+  logits = state.apply_fn(variables, batch["image"], train=False)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = jnp.argmax(logits, -1) == batch["label"]
   mask = batch["mask"]
@@ -236,7 +239,7 @@ def lambda_max(state, dataset: data_lib.Dataset, config: TrainConfig) -> float:
   if jax.default_backend() != "cpu":
     return float(_lambda_max_compiled(*args, key, config.lambda_max_iters))
   num_iters = min(config.lambda_max_iters, count_params(state.params))
-  v0 = optax.tree.random_like(key, state.params, jax.random.normal, dtype=jnp.float32)
+  v0 = optax.tree.random_like(key, state.params, jax.random.normal)
   eigvals, _ = hessian.top_k_eigenpairs(
     lambda v: _eval_hvp(*args, v), v0, 1, num_iters=num_iters, unroll=True
   )

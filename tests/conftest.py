@@ -11,6 +11,12 @@ os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "xsam_jax_xla_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Compilation dominates this suite on a small CPU machine: compile with XLA:CPU's cheapest
+# backend settings (see launch_processes.FAST_COMPILE). Subprocesses inherit them; tests that
+# set a device count add it with `launch_processes.xla_flags(...)`.
+from launch_processes import FAST_COMPILE, xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags() if FAST_COMPILE in xla_flags() else xla_flags(FAST_COMPILE)
 
 import dataclasses
 

@@ -81,3 +81,8 @@ def test_bad_overrides_raise_value_error(override, match):
 def test_missing_config_file_raises_value_error():
   with pytest.raises(ValueError, match="no such file"):
     load_config("experiments/configs/nope.py:sgd")
+
+
+def test_float64_compute_is_refused_without_64_bit_jax_and_says_how_to_enable_it():
+  with pytest.raises(ValueError, match=r"'float64' needs 64-bit JAX.*JAX_ENABLE_X64=1"):
+    apply_overrides(TrainConfig(), ["compute_dtype=float64"])

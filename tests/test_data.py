@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from launch_processes import xla_flags
 
 from experiments import data
 
@@ -353,7 +354,7 @@ def test_shard_batch_splits_over_two_devices_and_rejects_odd_batches():
     except ValueError as e:
       print("REJECTED", e)
     """,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
     JAX_PLATFORMS="cpu",
   )
   lines = result.stdout.splitlines()

@@ -18,6 +18,7 @@ import sys
 import textwrap
 
 import pytest
+from launch_processes import xla_flags
 
 SCRIPT = textwrap.dedent(
   """
@@ -258,7 +259,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.multidevice
 def test_every_device_mapping_gives_m_sharpness_identical_state_and_clear_errors():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=4")
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
     [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600

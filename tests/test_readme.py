@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from launch_processes import xla_flags
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 RUNNER = textwrap.dedent(
@@ -40,7 +42,7 @@ def test_every_readme_python_block_runs_in_order():
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
   assert len(blocks) >= 4  # fifteen lines, data parallel, accumulation, Hessian toolbox
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=4")
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
     [sys.executable, "-c", RUNNER, str(README)],

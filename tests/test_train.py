@@ -16,9 +16,12 @@ import jax
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from launch_processes import FAST_COMPILE, read_checkpoint, xla_flags
 
+from experiments import data as data_lib
 from experiments import train as train_lib
 from experiments.configs.base import load_config
+from experiments.optimizers import build_optimizer
 
 CONFIG = "experiments/configs/digits_simple_cnn.py"
 TINY = [
@@ -51,7 +54,7 @@ def _dir_digest(path: Path) -> dict[str, str]:
   }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist may tear those down between tests
 def uninterrupted(tmp_path_factory):
   """A 3-epoch X-SAM run that nobody interrupts (the reference for resume tests)."""
   workdir = tmp_path_factory.mktemp("full")
@@ -143,12 +146,25 @@ def test_cond_and_static_refresh_paths_train_to_the_same_parameters(uninterrupte
   # path decides inside the step (lax.cond on the optimizer's count). Measured on XLA:CPU: the
   # two differ by 3e-5 (relative L2 over all parameters; fori_loop vs unrolled HVPs), while a
   # host step count off by one either way gives 2.6e-3.
+  # The cond run is a CLI run in a subprocess with XLA's default backend optimisation: without
+  # it, convolutions inside the cond's loop run ~8x slower on XLA:CPU (6 min instead of 45 s).
   _, static_summary, static_state = uninterrupted
   assert static_summary["refresh_path"] == "static"
   assert static_summary["refresh_every"] == 5
-  cond_summary, cond_state = train_lib.train(_config("xsam", "refresh_path=cond"), tmp_path)
-  assert cond_summary["refresh_path"] == "cond"
-  cond = ravel_pytree(jax.device_get(cond_state.params))[0]
+  sets = [a for s in [*TINY, "refresh_path=cond"] for a in ("--set", s)]
+  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(FAST_COMPILE, "")}
+  argv = ["--config", f"{CONFIG}:xsam", "--workdir", str(tmp_path), *sets]
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.train", *argv],
+    cwd=Path(__file__).resolve().parents[1],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert json.loads((tmp_path / "summary.json").read_text())["refresh_path"] == "cond"
+  cond = ravel_pytree(read_checkpoint(tmp_path, 3)["params"])[0]
   static = ravel_pytree(jax.device_get(static_state.params))[0]
   assert np.linalg.norm(cond - static) <= 3e-4 * np.linalg.norm(static)
 
@@ -234,7 +250,7 @@ def test_batch_size_larger_than_the_dataset_is_refused(capsys, tmp_path):
 def test_batch_size_not_divisible_by_device_count_is_refused(tmp_path):
   env = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"),
     "JAX_PLATFORMS": "cpu",
   }
   proc = subprocess.run(
@@ -274,3 +290,22 @@ def test_missing_tfds_dataset_error_says_how_to_prepare_it(capsys, tmp_path):
   assert code == 2
   err = capsys.readouterr().err
   assert "cifar10" in err and "data_dir" in err
+
+
+def test_float64_compute_holds_params_state_and_loss_in_float64_from_the_float32_init():
+  config32 = _config("xsam")
+  dataset = data_lib.load_dataset("digits", label_noise=0.4)
+  spec32 = build_optimizer(config32, 11)
+  params32 = train_lib.create_state(config32, dataset, spec32).params
+  with jax.enable_x64(True):
+    config = _config("xsam", "compute_dtype=float64")
+    state = train_lib.create_state(config, dataset, build_optimizer(config, 11))
+    dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))}
+    assert dtypes == {np.dtype("float64"), np.dtype("int32")}
+    # The same initial values as a float32 run, held in float64.
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params32), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float64))
+    images = data_lib.normalize(dataset.train_images[:8], dataset.mean, dataset.std)
+    logits = state.apply_fn({"params": state.params}, images, train=False)
+    loss, _ = train_lib.cross_entropy(logits, dataset.train_labels[:8].astype(np.int32))
+    assert logits.dtype == np.float64 and loss.dtype == np.float64

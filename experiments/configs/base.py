@@ -14,6 +14,8 @@ import types
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import jax
+
 OPTIMIZERS = (
   "sgd",
   "sam",
@@ -51,7 +53,9 @@ class TrainConfig:
   augment: bool = True
   # Model.
   model: str = "simple_cnn"
-  compute_dtype: str = "float32"  # "bfloat16" for mixed precision on GPU/TPU
+  # "bfloat16" for mixed precision on GPU/TPU; "float64" (needs JAX_ENABLE_X64=1) holds the
+  # parameters, optimizer state and computation in float64: a reference for float32 runs.
+  compute_dtype: str = "float32"
   dropout_rate: float = 0.0  # WRN / AlexNet only
   # Optimisation.
   optimizer: str = "xsam"
@@ -149,7 +153,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     ("refresh_path", config.refresh_path, REFRESH_PATHS),
     ("lr_schedule", config.lr_schedule, LR_SCHEDULES),
     ("tracker", config.tracker, ("power", "lanczos")),
-    ("compute_dtype", config.compute_dtype, ("float32", "bfloat16", "float16")),
+    ("compute_dtype", config.compute_dtype, ("float32", "bfloat16", "float16", "float64")),
   ]
   for name, value, choices in checks:
     if value not in choices:
@@ -161,6 +165,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     raise ValueError(f"`validation_fraction` must be in [0, 1), got {config.validation_fraction}")
   if config.train_examples < 0 or config.rho_warmup_epochs < 0:
     raise ValueError("`train_examples` and `rho_warmup_epochs` must be >= 0")
+  if config.compute_dtype == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError(
+      "compute_dtype 'float64' needs 64-bit JAX: start the run with JAX_ENABLE_X64=1 in the "
+      "environment (it must be set before JAX creates any array), or use 'float32'"
+    )
   from experiments.sharding import parse_mesh
 
   parse_mesh(config.mesh)  # the syntax; the device count is checked when the run starts

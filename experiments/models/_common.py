@@ -51,8 +51,8 @@ def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def logits(x: jnp.ndarray) -> jnp.ndarray:
-  """Return the head output in float32 whatever the computation dtype, for a stable loss."""
-  return jnp.asarray(x, jnp.float32)
+  """Return the head output in float32 (float64 for a float64 model), for a stable loss."""
+  return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
 
 
 def conv(
