@@ -1,8 +1,9 @@
 """Model zoo for the experiments (Flax Linen): CIFAR ResNets, WRN-28-10, AlexNet, SimpleCNN.
 
-Every model maps NHWC float images to float32 logits ``(batch, num_classes)`` through
-``model.apply(variables, x, train=...)``; models with BatchNorm keep running statistics in the
-``batch_stats`` collection (pass ``mutable=["batch_stats"]`` when ``train=True``), and models with
+Every model maps NHWC float images to float32 logits ``(batch, num_classes)`` (float64 for a
+float64 computation dtype) through ``model.apply(variables, x, train=...)``; models with
+BatchNorm keep running statistics in the ``batch_stats`` collection (pass
+``mutable=["batch_stats"]`` when ``train=True``), and models with
 dropout need a ``'dropout'`` rng when training with a positive rate.
 
 Example:

@@ -49,7 +49,8 @@ class AlexNet(nn.Module):
     num_classes: number of output logits.
     hidden: widths of the two hidden Dense layers.
     dropout_rate: dropout before each hidden Dense layer (0.5 in the reference, 0.0 here).
-    dtype: computation dtype (parameters stay float32; logits are returned in float32).
+    dtype: computation dtype (parameters are created in float32; logits are float32, or
+      float64 when the computation is float64).
 
   References:
     Krizhevsky et al. 2012; icpm/pytorch-cifar10 ``models/AlexNet.py``.

@@ -122,7 +122,8 @@ class ResNet(nn.Module):
     block_cls: ``BasicBlock`` or ``Bottleneck``.
     num_classes: number of output logits.
     widths: ``planes`` of each stage.
-    dtype: computation dtype (parameters stay float32; logits are returned in float32).
+    dtype: computation dtype (parameters are created in float32; logits are float32, or
+      float64 when the computation is float64).
 
   References:
     He et al. 2016, arXiv 1512.03385; kuangliu/pytorch-cifar ``models/resnet.py``.

@@ -55,7 +55,8 @@ class SimpleCNN(nn.Module):
     width: channels of the first two convolutions; the last two have ``2 * width``.
     hidden: width of the hidden Dense layer.
     use_bn: add BatchNorm after every convolution (then ``batch_stats`` is a collection).
-    dtype: computation dtype (parameters stay float32; logits are returned in float32).
+    dtype: computation dtype (parameters are created in float32; logits are float32, or
+      float64 when the computation is float64).
     kernel_init: ``"lecun"`` (LeCun normal, the default) or ``"torch"`` (PyTorch's default
       uniform, which starts this net without BatchNorm on a long plateau; kept to reproduce
       the earlier runs).

@@ -70,7 +70,8 @@ class WideResNet(nn.Module):
     widen_factor: width multiplier k of the three groups (16k, 32k, 64k channels).
     num_classes: number of output logits.
     dropout_rate: dropout inside each block (0 disables it and needs no rng).
-    dtype: computation dtype (parameters stay float32; logits are returned in float32).
+    dtype: computation dtype (parameters are created in float32; logits are float32, or
+      float64 when the computation is float64).
 
   References:
     Zagoruyko & Komodakis 2016, arXiv 1605.07146.
