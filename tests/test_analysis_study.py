@@ -50,6 +50,23 @@ def test_tuning_runs_hold_out_a_validation_split_and_test_runs_do_not():
   assert "seed=3" in x.overrides and "seed=3" in s.overrides and "label_noise=0.4" in s.overrides
 
 
+def test_a_regime_run_alone_still_takes_the_choice_of_the_regime_it_borrows_from(tmp_path):
+  # `--regimes noise60` alone once trained SAM and Eigen-SAM at their config defaults, silently.
+  a = args("--regimes", "noise60")
+  assert a.tune_regimes == ["noise40"]  # its tuning runs are read from disk if they exist
+  assert {r.regime for r in study.tune_runs(a)} == {"noise40"}
+  assert study.tuned_source("noise60", a) == "noise40"
+  assert args("--regimes", "small").tune_regimes == ["small"]  # tuned itself, borrows nothing
+  with pytest.raises(ValueError, match="--tune_from 'noise20' must be one of --tune_regimes"):
+    args("--regimes", "noise60", "--tune_from", "noise20")
+  # Without a finished tuning of the borrowed regime, the test stage refuses to start.
+  argv = ["--root", str(tmp_path), "--out", str(tmp_path / "out"), "--regimes", "noise60"]
+  argv += ["--methods", "sgd,sam", "--sam_rhos", "0.05", "--tune_seeds", "", "--seeds", "0"]
+  with pytest.raises(ValueError, match="no validation choice for sam in regime 'noise40'"):
+    study.main(argv)
+  assert not (tmp_path / "test").exists()
+
+
 def test_equal_compute_runs_get_xsams_gradient_budget_in_epochs():
   a = args("--regimes", "noise40", "--epochs", "30")
   runs = study.test_and_compute_runs(a, {}, xsam_cost=3.0)

@@ -504,7 +504,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     setattr(args, name, common.parse_list(getattr(args, name), int))
   for name in ("sam_rhos", "eig_rhos", "alphas"):
     setattr(args, name, common.parse_list(getattr(args, name), float))
-  args.tune_regimes = [g for g in args.tune_regimes if g in args.regimes]
+  # Tune the regimes asked for, and the one whose choice the untuned ones borrow (its tuning
+  # runs are read if they exist): `--regimes noise60` alone still uses noise40's choice.
+  borrows = any(g not in args.tune_regimes for g in args.regimes)
+  if borrows and args.tune_from not in args.tune_regimes:
+    raise ValueError(
+      f"--tune_from {args.tune_from!r} must be one of --tune_regimes {args.tune_regimes}: the "
+      "regimes that are not tuned take their settings from it"
+    )
+  args.tune_regimes = [
+    g for g in args.tune_regimes if g in args.regimes or (borrows and g == args.tune_from)
+  ]
   for regime in args.regimes:
     regime_overrides(regime, args)  # raises for an unknown regime
   return args
@@ -516,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args.overrides = [*STUDY_OVERRIDES, *args.overrides]
   xsam_cost = xsam_grads_per_step(common.make_config(args.config, "xsam", args.overrides))
   # Regime by regime (tuned regimes first), so that a partial study has whole regimes.
-  order = sorted(args.regimes, key=lambda g: g not in args.tune_regimes)
+  order = [g for g in args.tune_regimes if g not in args.regimes]  # tuned only, for a choice
+  order += sorted(args.regimes, key=lambda g: g not in args.tune_regimes)
   all_tuning = tune_runs(args)
   tune_rows, rows, choice = [], [], {}
   for regime in order:
@@ -529,6 +540,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for (g, method), setting in sorted(choice.items()):
       if g == regime:
         print(f"chosen on validation: {g} {method} {' '.join(setting) or '(default)'}")
+    if regime not in args.regimes:
+      continue
+    source = tuned_source(regime, args)
+    missing = [m for m in args.methods if grid(m, args) != [()] and (source, m) not in choice]
+    if missing and not args.report_only:
+      raise ValueError(
+        f"no validation choice for {', '.join(missing)} in regime {source!r} (which {regime!r} "
+        "takes its settings from): its tuning runs did not finish; rerun to complete them"
+      )
     runs = test_and_compute_runs(_only(args, regime), choice, xsam_cost)
     if args.report_only:
       runs = [r for r in runs if (Path(args.root) / r.name / "summary.json").exists()]
