@@ -58,9 +58,14 @@ PER_PROCESS = frozenset({"data_dir", "progress"})
 # Model, loss and state.
 
 
+def _at_least_float32(logits: jax.Array) -> jax.Array:
+  """``logits`` in float32, or float64 when they are float64: the loss's precision."""
+  return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Mean cross-entropy and accuracy (the loss's aux), in float32 (float64 for float64 logits)."""
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  logits = _at_least_float32(logits)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
@@ -164,8 +169,7 @@ def _eval_sums(state: training.TrainState, batch: dict[str, jax.Array]) -> dict[
   variables = {"params": state.params}
   if state.batch_stats is not None:
     variables["batch_stats"] = state.batch_stats
-  logits = state.apply_fn(variables, batch["image"], train=False)
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  logits = _at_least_float32(state.apply_fn(variables, batch["image"], train=False))
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = jnp.argmax(logits, -1) == batch["label"]
   mask = batch["mask"]

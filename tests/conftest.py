@@ -16,7 +16,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # set a device count add it with `launch_processes.xla_flags(...)`.
 from launch_processes import FAST_COMPILE, xla_flags
 
-os.environ["XLA_FLAGS"] = xla_flags() if FAST_COMPILE in xla_flags() else xla_flags(FAST_COMPILE)
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = xla_flags(FAST_COMPILE)
 
 import dataclasses
 
