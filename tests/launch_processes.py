@@ -34,7 +34,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # XLA:CPU's cheapest backend settings: the same programs and IEEE arithmetic, without LLVM's
-# optimisation of the generated code. Compiles are ~5x faster here and the whole suite ~2x
+# optimisation of the generated code. Compiles are ~5x faster here; compile-bound tests 2-4x
 # (tests/conftest.py sets them for every test and, through the environment, its subprocesses).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
