@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Reuse XLA compilations across processes and runs (the CPU demo and tests compile a lot).
 export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(VENV))/xla-cache
 
-.PHONY: setup test test-multiprocess demo lint format bench tracker gpu-bench angles lambda-trace sweep study start transformer clean
+.PHONY: setup test test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study start transformer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ bench: $(STAMP)
 
 tracker: $(STAMP)
 	$(BIN)/python -m benchmarks.tracker
+
+# Tracking quality along training (issue 10): the full grid on the digits SimpleCNN, and the
+# cost-goal candidates (power iteration, p >= 5) on a CIFAR-shaped ResNet-18 (~30 min on a CPU
+# core); both write benchmarks/RESULTS.md.
+tracking: $(STAMP)
+	$(BIN)/python -m benchmarks.tracking --steps 400 --every 20 --ref-iters 30 --repeats 5 --out benchmarks/RESULTS.md
+
+tracking-resnet18: $(STAMP)
+	$(BIN)/python -m benchmarks.tracking --model resnet18 --batch 16 --steps 200 --every 25 --ref-iters 20 --trackers power --qs 1,2,3,5 --ps 5,20 --repeats 3 --out benchmarks/RESULTS.md
 
 # Accelerator benchmark (< 8 min on one GPU), report in benchmarks/GPU_RESULTS.md. Runs with the
 # machine's own Python and packages (JAX, Flax, optax; PyTorch optional), offline: no venv.

@@ -36,7 +36,10 @@ def test_tuning_runs_hold_out_a_validation_split_and_test_runs_do_not():
   assert tuning and all("validation_fraction=0.2" in r.overrides for r in tuning)
   assert {r.regime for r in tuning} == {"noise40"}  # noise20 reuses the 40% choice
   assert {r.method for r in tuning} == {"sam", "eigen_sam", "xsam"}
-  assert len([r for r in tuning if r.method == "xsam"]) == 2 * 2 * 2  # rho x alpha x seeds
+  assert len([r for r in tuning if r.method == "xsam"]) == 3 * 2 * 2  # rho x alpha x seeds
+  # One rho grid for every method: a difference between methods is not one between grids.
+  rhos = {m: {r.setting[0] for r in tuning if r.method == m} for m in ("sam", "eigen_sam", "xsam")}
+  assert rhos["sam"] == rhos["eigen_sam"] == rhos["xsam"] == {"rho=0.05", "rho=0.1", "rho=0.2"}
   choice = {("noise40", "sam"): ("rho=0.1",), ("noise40", "xsam"): ("rho=0.05", "alpha=0.5")}
   runs = study.test_and_compute_runs(a, choice, xsam_cost=3.0)
   assert not any("validation_fraction" in o for r in runs for o in r.overrides)
@@ -61,7 +64,7 @@ def test_a_regime_run_alone_still_takes_the_choice_of_the_regime_it_borrows_from
     args("--regimes", "noise60", "--tune_from", "noise20")
   # Without a finished tuning of the borrowed regime, the test stage refuses to start.
   argv = ["--root", str(tmp_path), "--out", str(tmp_path / "out"), "--regimes", "noise60"]
-  argv += ["--methods", "sgd,sam", "--sam_rhos", "0.05", "--tune_seeds", "", "--seeds", "0"]
+  argv += ["--methods", "sgd,sam", "--rhos", "0.05", "--tune_seeds", "", "--seeds", "0"]
   with pytest.raises(ValueError, match="no validation choice for sam in regime 'noise40'"):
     study.main(argv)
   assert not (tmp_path / "test").exists()
@@ -77,7 +80,7 @@ def test_equal_compute_runs_get_xsams_gradient_budget_in_epochs():
 
 
 def test_choice_is_the_best_mean_validation_accuracy_with_ties_to_the_earlier_setting():
-  a = args("--regimes", "noise40", "--methods", "sam", "--sam_rhos", "0.05,0.1,0.2")
+  a = args("--regimes", "noise40", "--methods", "sam", "--rhos", "0.05,0.1,0.2")
   tuning = study.tune_runs(a)
   acc = {"rho=0.05": [0.5, 0.6], "rho=0.1": [0.6, 0.5], "rho=0.2": [0.7, 0.3]}
   rows = [
@@ -108,7 +111,7 @@ def test_a_tiny_study_tunes_tests_and_writes_its_tables_and_figures(tmp_path):
     "0,1",
     "--tune_seeds",
     "0",
-    "--sam_rhos",
+    "--rhos",
     "0.05",
     "--small_examples",
     "160",
@@ -126,7 +129,7 @@ def test_a_tiny_study_tunes_tests_and_writes_its_tables_and_figures(tmp_path):
   assert study.main(argv) == 0
   text = (tmp_path / "out.md").read_text()
   assert "| small | sam | rho=0.05 |" in text  # the tuning table marks the choice
-  assert "sam − sgd" in text and "equal compute" in text
+  assert "sam − sgd" in text and "equal compute" in text and "without SGD" in text
   assert (tmp_path / "out_acc.png").stat().st_size > 5_000
   assert (tmp_path / "out_lambda.png").exists() and (tmp_path / "out.csv").exists()
   runs = sorted(
