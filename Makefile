@@ -49,7 +49,7 @@ tracking: $(STAMP)
 	$(BIN)/python -m benchmarks.tracking --steps 400 --every 20 --ref-iters 30 --repeats 5 --out benchmarks/RESULTS.md
 
 tracking-resnet18: $(STAMP)
-	$(BIN)/python -m benchmarks.tracking --model resnet18 --batch 16 --steps 200 --every 25 --ref-iters 20 --trackers power --qs 1,2,3,5 --ps 5,20 --repeats 3 --out benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.tracking --model resnet18 --batch 16 --steps 200 --every 20 --ref-iters 20 --trackers power --qs 1,2,3,5 --ps 5,20 --repeats 3 --out benchmarks/RESULTS.md
 
 # Accelerator benchmark (< 8 min on one GPU), report in benchmarks/GPU_RESULTS.md. Runs with the
 # machine's own Python and packages (JAX, Flax, optax; PyTorch optional), offline: no venv.

@@ -14,9 +14,10 @@ refresh does: power iteration (``hessian.power_iteration``, the papers' tracker)
 ``q``-step Lanczos run returning the top Ritz vector (``tracker="lanczos"``), with exact
 (forward-over-reverse) or finite-difference HVPs (one gradient each; the base gradient is the
 step's clean gradient, free when the HVP loss is the training loss, as here).
-Every ``--every`` steps the cached vectors are compared with an independently converged top
-eigenvector of the same minibatch Hessian (``--ref-iters``-step Lanczos from a fresh random
-start): ``|cos|`` and the Rayleigh-quotient ratio ``vᵀHv / λ_max``.
+Once in every block of ``--every`` steps, at a random step of the block (so that the cached
+vectors are seen at every age since their refresh, as X-SAM uses them), they are compared with
+an independently converged top eigenvector of the same minibatch Hessian (``--ref-iters``-step
+Lanczos from a fresh random start): ``|cos|`` and the Rayleigh-quotient ratio ``vᵀHv / λ_max``.
 
 The cost of each setting is the amortised X-SAM step over one SAM step, ``1 + q·t_HVP/(p·t_SAM)``,
 from the HVP, gradient and SAM-step times measured in this run with the shared harness
@@ -55,6 +56,17 @@ LR, MOMENTUM, RHO = 0.05, 0.9, 0.05
 def parse_list(text: str, kind=int) -> list:
   """``"1,2,3"`` -> ``[1, 2, 3]``."""
   return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def comparison_steps(steps: int, every: int, seed: int = 0) -> set[int]:
+  """One step drawn at random in each block of ``every`` steps.
+
+  X-SAM uses the cached vector at every step, not only at the refreshes: a comparison at fixed
+  multiples of ``every`` would always meet the settings whose ``p`` divides ``every`` right
+  after a refresh, on the very minibatch it used, and never measure how the vector ages.
+  """
+  rng = np.random.default_rng(seed)
+  return {start + int(rng.integers(min(every, steps - start))) for start in range(0, steps, every)}
 
 
 def flat(tree) -> np.ndarray:
@@ -137,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   records: dict[tuple, list[tuple[int, float, float]]] = {s: [] for s in settings}
   refs: list[tuple[int, float]] = []
   opt_state = tx.init(params)
+  compare_at = comparison_steps(args.steps, args.every)
   rng = np.random.default_rng(0)
   order = rng.permutation(len(labels))
   for step in range(args.steps):
@@ -157,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       else:
         _, vecs = hessian.top_k_eigenpairs(hvps[method], cached[key], 1, num_iters=q, unroll=True)
         cached[key] = jax.tree.map(lambda a: a[0], vecs)
-    if step % args.every == 0 or step == args.steps - 1:
+    if step in compare_at:
       fresh = jax.random.normal(jax.random.key(1000 + step), flat_params.shape)
       vals, vecs = hessian.top_k_eigenpairs(
         hvps["exact"], fresh, 1, num_iters=args.ref_iters, unroll=True
@@ -269,9 +282,10 @@ def render(rows, refs, t, meta, args, figure, num_params) -> str:
   on_resnet = args.model == "resnet18"
   lines = [
     f"- Setup: {TITLES[args.model]} ({num_params:,} parameters), SAM (ρ = {RHO}) + SGD "
-    f"(lr {LR}, momentum {MOMENTUM}), batch {args.batch}, {args.steps} steps; compared every "
-    f"{args.every} steps "
-    f"with a {args.ref_iters}-step Lanczos top eigenvector of the same minibatch Hessian; "
+    f"(lr {LR}, momentum {MOMENTUM}), batch {args.batch}, {args.steps} steps; compared once in "
+    f"every {args.every} steps, at a random step of the block (so at every age of the cached "
+    f"vector since its last refresh, as X-SAM uses it), with a {args.ref_iters}-step Lanczos "
+    "top eigenvector of the same minibatch Hessian; "
     f"statistics over steps ≥ {args.steps // 2}. λ_max along the run: "
     + ", ".join(f"{lam:.3g}" for _, lam in refs[:: max(1, len(refs) // 6)])
     + ".",

@@ -124,6 +124,16 @@ def _tracking_rows(text: str) -> list[list[str]]:
   return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
+def test_tracking_compares_cached_vectors_at_every_age_not_only_right_after_a_refresh():
+  from benchmarks import tracking
+
+  steps = tracking.comparison_steps(400, 20)
+  assert len(steps) == 20 and all(20 * k <= s < 20 * (k + 1) for k, s in enumerate(sorted(steps)))
+  # With p = 20 (or 5) and comparisons at multiples of 20, every comparison would meet a vector
+  # refreshed on that very minibatch; the ages since the last refresh must spread instead.
+  assert len({s % 20 for s in steps}) >= 8 and len({s % 5 for s in steps}) == 5
+
+
 @pytest.mark.slow
 def test_the_tracking_benchmark_finds_the_top_eigenvector_when_it_converges(tmp_path):
   from benchmarks import tracking
