@@ -125,6 +125,8 @@ def test_a_tiny_study_tunes_tests_and_writes_its_tables_and_figures(tmp_path):
     "lambda_max_examples=16",
     "--set",
     "batch_size=64",
+    "--workers",
+    "1",
   ]
   assert study.main(argv) == 0
   text = (tmp_path / "out.md").read_text()
@@ -151,3 +153,12 @@ def test_a_tiny_study_tunes_tests_and_writes_its_tables_and_figures(tmp_path):
   (tmp_path / "out.md").unlink()
   assert study.main([*argv, "--report_only"]) == 0
   assert (tmp_path / "out.md").read_text() == text
+
+
+def test_a_run_that_fails_in_a_worker_process_stops_the_study_with_its_error(tmp_path):
+  a = args("--root", str(tmp_path), "--workers", "2", "--jax_cache", "")
+  bad = ("label_noise=0.0", "epochs=1", "train_examples=160", "rho=-0.1")
+  runs = [study.Run("test", "small", "sam", ("rho=-0.1",), s, (*bad, f"seed={s}")) for s in (0, 1)]
+  with pytest.raises(ValueError, match="rho"):
+    study.run_all(runs, a, log=lambda _: None)
+  assert not list(tmp_path.rglob("summary.json"))
