@@ -1,0 +1,65 @@
+"""benchmarks/tracking.py: where it compares, that a converged tracker agrees with its reference,
+and its CIFAR-shaped ResNet-18 mode."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+
+def _tracking_rows(text: str) -> list[list[str]]:
+  """The data rows of the tracking table (tracker, HVP, q, p, median |cos|, ...)."""
+  lines = [line for line in text.splitlines() if line.startswith(("| power", "| lanczos"))]
+  return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_tracking_compares_cached_vectors_at_every_age_not_only_right_after_a_refresh():
+  from benchmarks import tracking
+
+  steps = tracking.comparison_steps(400, 20)
+  assert len(steps) == 20 and all(20 * k <= s < 20 * (k + 1) for k, s in enumerate(sorted(steps)))
+  # With p = 20 (or 5) and comparisons at multiples of 20, every comparison would meet a vector
+  # refreshed on that very minibatch; the ages since the last refresh must spread instead.
+  assert len({s % 20 for s in steps}) >= 8 and len({s % 5 for s in steps}) == 5
+
+
+@pytest.mark.slow
+def test_the_tracking_benchmark_finds_the_top_eigenvector_when_it_converges(tmp_path):
+  from benchmarks import tracking
+
+  out = tmp_path / "RESULTS.md"
+  argv = ["--steps", "2", "--every", "1", "--batch", "32", "--ref-iters", "25", "--repeats", "1"]
+  argv += ["--trackers", "lanczos", "--hvps", "exact", "--qs", "1,25", "--ps", "1"]
+  assert tracking.main([*argv, "--out", str(out), "--figure", str(tmp_path / "t.png")]) == 0
+  text = out.read_text()
+  assert "## Tracking quality along training (digits SimpleCNN)" in text
+  rows = {int(r[2]): r for r in _tracking_rows(text)}
+  # A converged Lanczos run agrees with the independent one; a one-step Krylov space is its
+  # start vector, so q = 1 never moves off the random start (|cos| ~ 1/sqrt(n)).
+  assert float(rows[25][4]) > 0.99 and float(rows[25][6]) > 0.99
+  assert float(rows[1][4]) < 0.1
+
+
+def test_the_tracking_benchmark_runs_resnet18_on_cifar_shaped_digits_in_its_own_section(
+  tmp_path, monkeypatch
+):
+  from benchmarks import tracking
+  from experiments import models
+
+  # ResNet-18's layers and BatchNorm at a fraction of its width, to keep the test short.
+  narrow = lambda name, n: models.get_model(name, n, widths=(8, 8, 16, 16))
+  monkeypatch.setattr(tracking, "get_model", narrow)
+  out = tmp_path / "RESULTS.md"
+  out.write_text("# Benchmarks\n\n## Another benchmark\n\nkept\n")
+  argv = ["--model", "resnet18", "--steps", "2", "--every", "1", "--batch", "4", "--repeats", "1"]
+  argv += ["--ref-iters", "3", "--trackers", "power", "--hvps", "exact"]
+  argv += ["--qs", "1", "--ps", "1", "--out", str(out), "--figure", str(tmp_path / "r.png")]
+  assert tracking.main(argv) == 0
+  text = out.read_text()
+  assert "## Tracking quality along training (ResNet-18, digits upsampled to 32×32×3)" in text
+  params, _ = models.init_model(narrow("resnet18", 10), (1, 32, 32, 3), jax.random.key(0))
+  assert f"({models.count_params(params):,} parameters)" in text
+  assert "measured ResNet-18 cost" in text
+  (row,) = _tracking_rows(text)
+  assert 0.0 <= float(row[4]) <= 1.0 and float(row[7]) == float(row[8]) > 1.0
+  assert "kept" in text and (tmp_path / "r.png").exists()
