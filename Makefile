@@ -43,8 +43,9 @@ tracker: $(STAMP)
 	$(BIN)/python -m benchmarks.tracker
 
 # Tracking quality along training (issue 10): the full grid on the digits SimpleCNN, and the
-# cost-goal candidates (power iteration, p >= 5) on a CIFAR-shaped ResNet-18 (~30 min on a CPU
-# core); both write benchmarks/RESULTS.md.
+# cost-goal candidates (power iteration, p >= 5) on a CIFAR-shaped ResNet-18 (12-25 s a step
+# on the 2-core CPU, so about an hour: meant for a quiet machine or a GPU); both write
+# benchmarks/RESULTS.md.
 tracking: $(STAMP)
 	$(BIN)/python -m benchmarks.tracking --steps 400 --every 20 --ref-iters 30 --repeats 5 --out benchmarks/RESULTS.md
 
