@@ -116,19 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cross_entropy(logits, y)
 
   grad = jax.jit(jax.grad(loss))
-  hvp_exact = jax.jit(lambda p, v, x, y: hessian.hvp(lambda w: jax.grad(loss)(w, x, y), p, v))
-  hvp_fd = jax.jit(
-    lambda p, v, g, x, y: hessian.hvp(
-      lambda w: jax.grad(loss)(w, x, y), p, v, hvp_method="forward_difference", base_grad=g
-    )
-  )
   # The trackers run on the host on one flat vector: a pytree would make every eager vector
-  # operation of the loops compile once per leaf shape (minutes for ResNet-18's 62 leaves).
-  # The HVPs timed below are these flat ones too (one copy of the vector more than the pytree
-  # HVP: noise next to an HVP, and two compilations fewer).
+  # operation of the loops compile once per leaf shape (minutes for ResNet-18's 62 leaves). The
+  # HVPs take and return that flat vector (one copy of it more than a pytree HVP: noise next to
+  # an HVP), and they are the programs timed below.
   flat_params, unravel = ravel_pytree(params)
-  hvp_exact_flat = jax.jit(lambda p, v, x, y: ravel_pytree(hvp_exact(p, unravel(v), x, y))[0])
-  hvp_fd_flat = jax.jit(lambda p, v, g, x, y: ravel_pytree(hvp_fd(p, unravel(v), g, x, y))[0])
+
+  def flat_hvp(p, v, x, y, **kwargs):
+    grad_fn = lambda w: jax.grad(loss)(w, x, y)
+    return ravel_pytree(hessian.hvp(grad_fn, p, unravel(v), **kwargs))[0]
+
+  hvp_exact_flat = jax.jit(flat_hvp)
+  hvp_fd_flat = jax.jit(
+    lambda p, v, g, x, y: flat_hvp(p, v, x, y, hvp_method="forward_difference", base_grad=g)
+  )
   tx = optax.chain(xsam_jax.sam(rho=RHO), optax.sgd(LR, momentum=MOMENTUM))
 
   @jax.jit
