@@ -298,7 +298,7 @@ def run_all(runs: Sequence[Run], args: argparse.Namespace, log=print) -> list[di
   if args.workers <= 1 or len(todo) <= 1:
     for run in todo:
       finished(run, _train_one(*job(run)))
-  elif todo:
+  else:
     context = multiprocessing.get_context("spawn")  # JAX's threads do not survive a fork
     with futures.ProcessPoolExecutor(min(args.workers, len(todo)), mp_context=context) as pool:
       pending = {pool.submit(_train_one, *job(run)): run for run in todo}
