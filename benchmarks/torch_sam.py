@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -121,6 +122,30 @@ class SimpleCNN(nn.Module):
       if i % 2 == 1:
         x = F.max_pool2d(x, 2)
     return self.head(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def simple_cnn_tensors(tree, image_size: int) -> list[torch.Tensor]:
+  """A Flax ``SimpleCNN`` pytree (its params, or a vector shaped like them) as the
+  :class:`SimpleCNN` twin's parameter list, in ``model.parameters()`` order.
+
+  Convolution kernels go from HWIO to OIHW, Dense kernels are transposed, and ``fc1``'s rows
+  are reordered from Flax's (h, w, c) flattening of NHWC to PyTorch's (c, h, w) of NCHW. This
+  is what lets the tests check that the PyTorch row times the same computation as the JAX
+  rows: same weights in, same logits and same SAM / Eigen-SAM steps out.
+  """
+  tensors = []
+  for i in range(1, 5):
+    layer = tree[f"conv{i}"]
+    tensors.append(torch.as_tensor(np.asarray(layer["kernel"]).transpose(3, 2, 0, 1).copy()))
+    tensors.append(torch.as_tensor(np.asarray(layer["bias"]).copy()))
+  side = image_size // 4
+  fc1 = np.asarray(tree["fc1"]["kernel"])  # (side * side * c, hidden)
+  hidden = fc1.shape[1]
+  fc1 = fc1.reshape(side, side, -1, hidden).transpose(3, 2, 0, 1).reshape(hidden, -1)
+  tensors += [torch.as_tensor(fc1.copy()), torch.as_tensor(np.asarray(tree["fc1"]["bias"]).copy())]
+  tensors.append(torch.as_tensor(np.asarray(tree["head"]["kernel"]).T.copy()))
+  tensors.append(torch.as_tensor(np.asarray(tree["head"]["bias"]).copy()))
+  return tensors
 
 
 def make_model(name: str, image_size: int) -> nn.Module:
