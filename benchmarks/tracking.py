@@ -19,6 +19,13 @@ vectors are seen at every age since their refresh, as X-SAM uses them), they are
 an independently converged top eigenvector of the same minibatch Hessian (``--ref-iters``-step
 Lanczos from a fresh random start): ``|cos|`` and the Rayleigh-quotient ratio ``vᵀHv / λ_max``.
 
+With ``--full-examples N`` each comparison also measures how much there is to track: the top
+eigenvector of the loss over N fixed training examples (the first N of the shuffled order, the
+same at every comparison), its ``|cos|`` with every cached vector, and, at the same weights,
+the ``|cos|`` between the minibatch's top eigenvector and the next minibatch's and between the
+minibatch's and the N-example one. If two minibatches' top eigenvectors are nearly orthogonal,
+no vector refreshed on earlier minibatches can follow the current one.
+
 The cost of each setting is the amortised X-SAM step over one SAM step, ``1 + q·t_HVP/(p·t_SAM)``,
 from the HVP, gradient and SAM-step times measured in this run with the shared harness
 (interleaved medians). All settings share one trajectory (SAM's), so they differ only in how
@@ -82,6 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--every", type=int, default=10, help="compare every k steps")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--ref-iters", type=int, default=40)
+  parser.add_argument(
+    "--full-examples",
+    type=int,
+    default=0,
+    help="also compare with the top eigenvector of the loss over this many fixed training "
+    "examples (at most all of them), and measure how minibatches' top eigenvectors differ "
+    "(0: off)",
+  )
   parser.add_argument("--trackers", default="power,lanczos")
   parser.add_argument("--hvps", default="exact,forward_difference")
   parser.add_argument("--qs", default="1,2,3,5")
@@ -154,10 +169,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   compare_at = comparison_steps(args.steps, args.every)
   rng = np.random.default_rng(0)
   order = rng.permutation(len(labels))
-  for step in range(args.steps):
+
+  def batch_at(step):
     start = (step * args.batch) % (len(labels) - args.batch)
     idx = order[start : start + args.batch]
-    x, y = jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+    return jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+
+  def top(hvp, seed):
+    """An independent top eigenpair: ``--ref-iters`` Lanczos steps from a fresh start."""
+    fresh = jax.random.normal(jax.random.key(seed), flat_params.shape)
+    vals, vecs = hessian.top_k_eigenpairs(hvp, fresh, 1, num_iters=args.ref_iters, unroll=True)
+    return float(vals[0]), flat(jax.tree.map(lambda a: a[0], vecs))
+
+  args.full_examples = min(args.full_examples, len(labels))  # the report gives the count used
+  full = order[: args.full_examples]
+  full = (jnp.asarray(images[full]), jnp.asarray(labels[full])) if len(full) else None
+  spread: list[tuple[int, float, float]] = []  # (step, |cos| next minibatch, |cos| full)
+  for step in range(args.steps):
+    x, y = batch_at(step)
     g = grad(params, x, y)
     hvps = {
       "exact": lambda v, x=x, y=y, p=params: hvp_exact_flat(p, v, x, y),
@@ -173,17 +202,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, vecs = hessian.top_k_eigenpairs(hvps[method], cached[key], 1, num_iters=q, unroll=True)
         cached[key] = jax.tree.map(lambda a: a[0], vecs)
     if step in compare_at:
-      fresh = jax.random.normal(jax.random.key(1000 + step), flat_params.shape)
-      vals, vecs = hessian.top_k_eigenpairs(
-        hvps["exact"], fresh, 1, num_iters=args.ref_iters, unroll=True
-      )
-      lam, ref = float(vals[0]), flat(jax.tree.map(lambda a: a[0], vecs))
+      lam, ref = top(hvps["exact"], 1000 + step)
       refs.append((step, lam))
+      ref_full = None
+      if full is not None:
+        _, ref_full = top(lambda v, p=params: hvp_exact_flat(p, v, *full), 2000 + step)
+        _, ref_next = top(
+          lambda v, p=params: hvp_exact_flat(p, v, *batch_at(step + 1)), 3000 + step
+        )
+        spread.append((step, abs(float(ref @ ref_next)), abs(float(ref @ ref_full))))
       for key in settings:
         v = flat(cached[key])
         norm = np.linalg.norm(v)
         rayleigh = float(v @ flat(hvps["exact"](cached[key]))) / norm**2
-        records[key].append((step, abs(float(v @ ref)) / norm, rayleigh / lam))
+        cos_full = np.nan if ref_full is None else abs(float(v @ ref_full)) / norm
+        records[key].append((step, abs(float(v @ ref)) / norm, rayleigh / lam, cos_full))
       log(f"step {step}: λ_max {lam:.4g}, {time.time() - run.start:.0f}s")
     params, opt_state = sam_step(params, opt_state, x, y)
 
@@ -210,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows = []
   for key in settings:
     tracker, method, q, p = key
-    late = [(c, r) for s, c, r in records[key] if s >= half]
+    late = [(c, r, f) for s, c, r, f in records[key] if s >= half]
     cost = 1 + q * hvp_time[method] / (p * t["sam"])
     rows.append(
       {
@@ -218,9 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hvp": method,
         "q": q,
         "p": p,
-        "cos": statistics.median(c for c, _ in late),
-        "cos_mean": statistics.mean(c for c, _ in late),
-        "rq": statistics.median(r for _, r in late),
+        "cos": statistics.median(c for c, _, _ in late),
+        "cos_mean": statistics.mean(c for c, _, _ in late),
+        "rq": statistics.median(r for _, r, _ in late),
+        "cos_full": statistics.median(f for _, _, f in late),
         "cost": cost,
         # On ResNet-18 itself the measured cost; otherwise projected from its step-cost ratios.
         "cost_resnet18": cost
@@ -229,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       }
     )
   figure = plot(rows, args.figure, args.model)
-  text = render(rows, refs, t, run.meta(), args, figure, count_params(params))
+  late_spread = [(n, f) for s, n, f in spread if s >= half]
+  text = render(rows, refs, t, run.meta(), args, figure, count_params(params), late_spread)
   print(text)
   if args.out:
     report.write_section(args.out, text, section_name(args.model), first=False)
@@ -254,7 +289,8 @@ def section_name(model: str) -> str:
 
 
 def plot(rows: list[dict], path: str | None, model: str = "simple_cnn") -> str | None:
-  """Median |cos| against amortised cost, one marker per tracker, one colour per HVP."""
+  """Median |cos| against amortised cost, one marker per tracker, one colour per HVP; with
+  ``--full-examples`` a second panel against the N-example loss's top eigenvector."""
   if not path:
     return None
   import matplotlib
@@ -262,34 +298,43 @@ def plot(rows: list[dict], path: str | None, model: str = "simple_cnn") -> str |
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  panels = [("cos", "the same minibatch's top eigvec")]
+  if not any(np.isnan(r["cos_full"]) for r in rows):
+    panels.append(("cos_full", "the top eigvec of the fixed-examples loss"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
   styles = {"power": "o", "lanczos": "s"}
   colours = {"exact": "tab:blue", "forward_difference": "tab:orange"}
-  for tracker, method in itertools.product(styles, colours):
-    pts = [r for r in rows if r["tracker"] == tracker and r["hvp"] == method]
-    if pts:
-      ax.scatter(
-        [r["cost"] for r in pts],
-        [r["cos"] for r in pts],
-        marker=styles[tracker],
-        c=colours[method],
-        label=f"{tracker}, {method.replace('_', ' ')}",
-      )
-      for r in pts:
-        ax.annotate(f"q{r['q']}p{r['p']}", (r["cost"], r["cos"]), fontsize=6)
-  ax.axhline(0.9, color="grey", lw=0.5, ls="--")
-  ax.set_xlabel(f"amortised X-SAM step / SAM step (measured, {TITLES[model]})")
-  ax.set_ylabel("median |cos(cached, top eigvec)|, 2nd half")
-  ax.legend(fontsize=7)
+  for ax, (field, against) in zip(axes[0], panels, strict=True):
+    for tracker, method in itertools.product(styles, colours):
+      pts = [r for r in rows if r["tracker"] == tracker and r["hvp"] == method]
+      if pts:
+        ax.scatter(
+          [r["cost"] for r in pts],
+          [r[field] for r in pts],
+          marker=styles[tracker],
+          c=colours[method],
+          label=f"{tracker}, {method.replace('_', ' ')}",
+        )
+        for r in pts:
+          ax.annotate(f"q{r['q']}p{r['p']}", (r["cost"], r[field]), fontsize=6)
+    ax.axhline(0.9, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel(f"amortised X-SAM step / SAM step (measured, {TITLES[model]})")
+    ax.set_ylabel(f"median |cos(cached, {against})|, 2nd half", fontsize=8)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=120)
   return path
 
 
-def render(rows, refs, t, meta, args, figure, num_params) -> str:
-  """The section: setup, table sorted by cost, best settings within cost bounds."""
+def render(rows, refs, t, meta, args, figure, num_params, spread=()) -> str:
+  """The section: setup, table sorted by cost, best settings within cost bounds.
+
+  ``spread`` holds, for the second half's comparisons with ``--full-examples``, the ``|cos|``
+  of the minibatch's top eigenvector with the next minibatch's and with the N-example one.
+  """
   on_resnet = args.model == "resnet18"
+  with_full = bool(spread)
   lines = [
     f"- Setup: {TITLES[args.model]} ({num_params:,} parameters), SAM (ρ = {RHO}) + SGD "
     f"(lr {LR}, momentum {MOMENTUM}), batch {args.batch}, {args.steps} steps; compared once in "
@@ -312,6 +357,17 @@ def render(rows, refs, t, meta, args, figure, num_params) -> str:
     ),
     "",
   ]
+  if with_full:
+    lines += [
+      f"- How much there is to track (steps ≥ {args.steps // 2}, medians over "
+      f"{len(spread)} comparisons, same weights): the top eigenvectors of two consecutive "
+      f"minibatches have |cos| {statistics.median(n for n, _ in spread):.3f} "
+      f"(range {min(n for n, _ in spread):.3f}–{max(n for n, _ in spread):.3f}); a "
+      f"minibatch's and that of the loss over {args.full_examples} fixed training examples "
+      f"have {statistics.median(f for _, f in spread):.3f}. The column *\\|cos\\| vs "
+      f"{args.full_examples} ex.* compares each cached vector with the latter.",
+      "",
+    ]
   if figure:
     lines += [f"![tracking quality against cost]({Path(figure).name})", ""]
   lines += report.table(
@@ -323,6 +379,7 @@ def render(rows, refs, t, meta, args, figure, num_params) -> str:
       "median \\|cos\\|",
       "mean \\|cos\\|",
       "median vᵀHv/λ_max",
+      *([f"median \\|cos\\| vs {args.full_examples} ex."] if with_full else []),
       "cost / SAM",
       "ResNet-18 cost / SAM",
     ],
@@ -335,6 +392,7 @@ def render(rows, refs, t, meta, args, figure, num_params) -> str:
         f"{r['cos']:.3f}",
         f"{r['cos_mean']:.3f}",
         f"{r['rq']:.3f}",
+        *([f"{r['cos_full']:.3f}"] if with_full else []),
         f"{r['cost']:.2f}",
         f"{r['cost_resnet18']:.2f}",
       )

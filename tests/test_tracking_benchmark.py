@@ -3,6 +3,8 @@ and its CIFAR-shaped ResNet-18 mode."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import pytest
 
@@ -28,8 +30,11 @@ def test_the_tracking_benchmark_finds_the_top_eigenvector_when_it_converges(tmp_
   from benchmarks import tracking
 
   out = tmp_path / "RESULTS.md"
-  argv = ["--steps", "2", "--every", "1", "--batch", "32", "--ref-iters", "25", "--repeats", "1"]
+  # One step: the fixed examples (the first 32 of the shuffled order) are then the very
+  # minibatch, so the fixed-examples eigenvector must be the minibatch's.
+  argv = ["--steps", "1", "--every", "1", "--batch", "32", "--ref-iters", "25", "--repeats", "1"]
   argv += ["--trackers", "lanczos", "--hvps", "exact", "--qs", "1,25", "--ps", "1"]
+  argv += ["--full-examples", "32"]
   assert tracking.main([*argv, "--out", str(out), "--figure", str(tmp_path / "t.png")]) == 0
   text = out.read_text()
   assert "## Tracking quality along training (digits SimpleCNN)" in text
@@ -38,6 +43,13 @@ def test_the_tracking_benchmark_finds_the_top_eigenvector_when_it_converges(tmp_
   # start vector, so q = 1 never moves off the random start (|cos| ~ 1/sqrt(n)).
   assert float(rows[25][4]) > 0.99 and float(rows[25][6]) > 0.99
   assert float(rows[1][4]) < 0.1
+  assert float(rows[25][7]) > 0.99 and float(rows[1][7]) < 0.1  # |cos| vs the 32 examples
+  spread = re.search(
+    r"consecutive minibatches have \|cos\| (\d\.\d+).*?32 fixed training examples have (\d\.\d+)",
+    text,
+  )
+  assert spread, text
+  assert float(spread[2]) > 0.99 and 0.0 <= float(spread[1]) <= 1.0
 
 
 def test_the_tracking_benchmark_runs_resnet18_on_cifar_shaped_digits_in_its_own_section(
