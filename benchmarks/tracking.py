@@ -318,8 +318,9 @@ def plot(rows: list[dict], path: str | None, model: str = "simple_cnn") -> str |
         for r in pts:
           ax.annotate(f"q{r['q']}p{r['p']}", (r["cost"], r[field]), fontsize=6)
     ax.axhline(0.9, color="grey", lw=0.5, ls="--")
-    ax.set_xlabel(f"amortised X-SAM step / SAM step (measured, {TITLES[model]})")
-    ax.set_ylabel(f"median |cos(cached, {against})|, 2nd half", fontsize=8)
+    ax.set_title(f"cached vector against {against}", fontsize=9)
+    ax.set_xlabel(f"amortised X-SAM step / SAM step (measured, {TITLES[model]})", fontsize=8)
+    ax.set_ylabel("median |cos|, 2nd half of training", fontsize=8)
     ax.legend(fontsize=7)
   fig.tight_layout()
   Path(path).parent.mkdir(parents=True, exist_ok=True)
