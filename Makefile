@@ -47,7 +47,7 @@ tracker: $(STAMP)
 # on the 2-core CPU, so about an hour: meant for a quiet machine or a GPU); both write
 # benchmarks/RESULTS.md.
 tracking: $(STAMP)
-	$(BIN)/python -m benchmarks.tracking --steps 400 --every 20 --ref-iters 30 --full-examples 1437 --repeats 5 --out benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.tracking --steps 400 --every 20 --ref-iters 30 --full-examples 1437 --trackers power,lanczos,averaged --repeats 5 --out benchmarks/RESULTS.md
 
 tracking-resnet18: $(STAMP)
 	$(BIN)/python -m benchmarks.tracking --model resnet18 --batch 16 --steps 200 --every 20 --ref-iters 20 --trackers power --qs 1,2,3,5 --ps 5,20 --repeats 3 --out benchmarks/RESULTS.md

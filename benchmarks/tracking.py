@@ -13,7 +13,9 @@ that one trajectory, every tracker setting keeps its own cached vector and refre
 refresh does: power iteration (``hessian.power_iteration``, the papers' tracker) or an
 ``q``-step Lanczos run returning the top Ritz vector (``tracker="lanczos"``), with exact
 (forward-over-reverse) or finite-difference HVPs (one gradient each; the base gradient is the
-step's clean gradient, free when the HVP loss is the training loss, as here).
+step's clean gradient, free when the HVP loss is the training loss, as here). A third tracker,
+not in the library, is measured here as a candidate: ``"averaged"``, power steps on a running
+average of the minibatch HVPs (:func:`averaged_power_steps`, decay ``--average-decay``).
 Once in every block of ``--every`` steps, at a random step of the block (so that the cached
 vectors are seen at every age since their refresh, as X-SAM uses them), they are compared with
 an independently converged top eigenvector of the same minibatch Hessian (``--ref-iters``-step
@@ -77,6 +79,26 @@ def comparison_steps(steps: int, every: int, seed: int = 0) -> set[int]:
   return {start + int(rng.integers(min(every, steps - start))) for start in range(0, steps, every)}
 
 
+TRACKERS = ("power", "lanczos", "averaged")
+
+
+def averaged_power_steps(hvp, v, m, q: int, decay: float):
+  r"""``q`` power steps on a running average of minibatch HVPs (benchmark-only tracker).
+
+  .. math:: m \leftarrow \beta m + (1-\beta) H_B v, \qquad v \leftarrow m / \|m\|.
+
+  Each refresh's HVPs use that step's minibatch :math:`B`, so :math:`m` estimates the HVP of the
+  Hessian averaged over recent minibatches (about :math:`1/(1-\beta)` HVPs), not the current
+  minibatch's: a tracker aimed at the whole training loss's top eigenvector, which plain power
+  iteration, jumping to each new minibatch's eigenvector, does not follow. ``decay = 0`` is
+  power iteration. Returns ``(v, m)``.
+  """
+  for _ in range(q):
+    m = decay * m + (1.0 - decay) * hvp(v)
+    v = m / (jnp.linalg.norm(m) + 1e-12)
+  return v, m
+
+
 def flat(tree) -> np.ndarray:
   """The pytree as one float64 vector."""
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
@@ -97,7 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     "examples (at most all of them), and measure how minibatches' top eigenvectors differ "
     "(0: off)",
   )
-  parser.add_argument("--trackers", default="power,lanczos")
+  parser.add_argument(
+    "--trackers", default="power,lanczos", help=f"comma-separated, of {', '.join(TRACKERS)}"
+  )
+  parser.add_argument(
+    "--average-decay",
+    type=float,
+    default=0.9,
+    help="β of the 'averaged' tracker's running average of HVPs (0: power iteration)",
+  )
   parser.add_argument("--hvps", default="exact,forward_difference")
   parser.add_argument("--qs", default="1,2,3,5")
   parser.add_argument("--ps", default="1,5,20")
@@ -108,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--figure", default=None, help="default: benchmarks/tracking_<digits|resnet18>.png"
   )
   args = parser.parse_args(argv)
+  unknown = set(parse_list(args.trackers, str)) - set(TRACKERS)
+  if unknown:
+    parser.error(f"--trackers: unknown {sorted(unknown)}; choose from {', '.join(TRACKERS)}")
+  if not 0.0 <= args.average_decay < 1.0:
+    parser.error(f"--average-decay must be in [0, 1), got {args.average_decay}")
   if args.figure is None:
     stem = "digits" if args.model == "simple_cnn" else args.model
     args.figure = f"benchmarks/tracking_{stem}.png"
@@ -163,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   v0 = jax.random.normal(jax.random.key(1), flat_params.shape)
   cached = {s: v0 for s in settings}
+  averaged_hvp = {s: jnp.zeros_like(v0) for s in settings}  # the 'averaged' tracker's m
   records: dict[tuple, list[tuple[int, float, float]]] = {s: [] for s in settings}
   refs: list[tuple[int, float]] = []
   opt_state = tx.init(params)
@@ -198,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       key = (tracker, method, q, p)
       if tracker == "power":
         _, cached[key] = hessian.power_iteration(hvps[method], cached[key], q, unroll=True)
+      elif tracker == "averaged":
+        cached[key], averaged_hvp[key] = averaged_power_steps(
+          hvps[method], cached[key], averaged_hvp[key], q, args.average_decay
+        )
       else:
         _, vecs = hessian.top_k_eigenpairs(hvps[method], cached[key], 1, num_iters=q, unroll=True)
         cached[key] = jax.tree.map(lambda a: a[0], vecs)
@@ -302,7 +342,7 @@ def plot(rows: list[dict], path: str | None, model: str = "simple_cnn") -> str |
   if not any(np.isnan(r["cos_full"]) for r in rows):
     panels.append(("cos_full", "the top eigvec of the fixed-examples loss"))
   fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
-  styles = {"power": "o", "lanczos": "s"}
+  styles = {"power": "o", "lanczos": "s", "averaged": "^"}
   colours = {"exact": "tab:blue", "forward_difference": "tab:orange"}
   for ax, (field, against) in zip(axes[0], panels, strict=True):
     for tracker, method in itertools.product(styles, colours):
@@ -342,7 +382,13 @@ def render(rows, refs, t, meta, args, figure, num_params, spread=()) -> str:
     f"every {args.every} steps, at a random step of the block (so at every age of the cached "
     f"vector since its last refresh, as X-SAM uses it), with a {args.ref_iters}-step Lanczos "
     "top eigenvector of the same minibatch Hessian; "
-    f"statistics over steps ≥ {args.steps // 2}. λ_max along the run: "
+    f"statistics over steps ≥ {args.steps // 2}"
+    + (
+      f"; the *averaged* tracker's decay β = {args.average_decay}"
+      if "averaged" in parse_list(args.trackers, str)
+      else ""
+    )
+    + ". λ_max along the run: "
     + ", ".join(f"{lam:.3g}" for _, lam in refs[:: max(1, len(refs) // 6)])
     + ".",
     f"- Measured here (medians): SAM step {report.fmt_ms(t['sam'])} ms, gradient "

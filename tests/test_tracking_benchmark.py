@@ -75,3 +75,37 @@ def test_the_tracking_benchmark_runs_resnet18_on_cifar_shaped_digits_in_its_own_
   (row,) = _tracking_rows(text)
   assert 0.0 <= float(row[4]) <= 1.0 and float(row[7]) == float(row[8]) > 1.0
   assert "kept" in text and (tmp_path / "r.png").exists()
+
+
+def test_the_averaged_tracker_follows_the_mean_hessian_not_the_last_minibatchs():
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import tracking
+  from xsam_jax import hessian
+
+  # Two "minibatch" Hessians, rank one along u1 and u2 at ±30° from e1: each minibatch's top
+  # eigenvector is its own u, their mean's is e1 (eigenvalues 3.75 and 1.25).
+  angle = np.pi / 6
+  u = [np.array([np.cos(angle), s * np.sin(angle), 0.0]) for s in (1.0, -1.0)]
+  hess = [jnp.asarray(5.0 * np.outer(x, x) + 0.1 * np.eye(3), jnp.float32) for x in u]
+  v0 = jnp.asarray([0.2, 0.9, 0.4], jnp.float32)
+  v_avg, m = v0, jnp.zeros(3, jnp.float32)
+  v_pow = v0
+  for step in range(60):
+    hvp = lambda v, h=hess[step % 2]: h @ v
+    v_avg, m = tracking.averaged_power_steps(hvp, v_avg, m, 1, 0.9)
+    _, v_pow = hessian.power_iteration(hvp, v_pow, 1, unroll=True)
+  assert abs(float(v_avg[0])) / float(jnp.linalg.norm(v_avg)) > 0.99
+  assert abs(float(v_pow[0])) < 0.9  # power iteration sits on the last minibatch's u
+  # decay 0 is power iteration.
+  v_zero, _ = tracking.averaged_power_steps(lambda v: hess[0] @ v, v0, jnp.zeros(3), 3, 0.0)
+  _, v_ref = hessian.power_iteration(lambda v: hess[0] @ v, v0, 3, unroll=True)
+  np.testing.assert_allclose(v_zero, v_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tracking_benchmark_rejects_an_unknown_tracker_by_name():
+  from benchmarks import tracking
+
+  with pytest.raises(SystemExit):
+    tracking.main(["--trackers", "power,oja"])
