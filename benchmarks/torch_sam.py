@@ -133,18 +133,17 @@ def simple_cnn_tensors(tree, image_size: int) -> list[torch.Tensor]:
   is what lets the tests check that the PyTorch row times the same computation as the JAX
   rows: same weights in, same logits and same SAM / Eigen-SAM steps out.
   """
+  tensor = lambda a: torch.as_tensor(np.array(a, order="C"))  # a contiguous, writable copy
   tensors = []
   for i in range(1, 5):
     layer = tree[f"conv{i}"]
-    tensors.append(torch.as_tensor(np.asarray(layer["kernel"]).transpose(3, 2, 0, 1).copy()))
-    tensors.append(torch.as_tensor(np.asarray(layer["bias"]).copy()))
+    tensors += [tensor(np.asarray(layer["kernel"]).transpose(3, 2, 0, 1)), tensor(layer["bias"])]
   side = image_size // 4
   fc1 = np.asarray(tree["fc1"]["kernel"])  # (side * side * c, hidden)
   hidden = fc1.shape[1]
   fc1 = fc1.reshape(side, side, -1, hidden).transpose(3, 2, 0, 1).reshape(hidden, -1)
-  tensors += [torch.as_tensor(fc1.copy()), torch.as_tensor(np.asarray(tree["fc1"]["bias"]).copy())]
-  tensors.append(torch.as_tensor(np.asarray(tree["head"]["kernel"]).T.copy()))
-  tensors.append(torch.as_tensor(np.asarray(tree["head"]["bias"]).copy()))
+  tensors += [tensor(fc1), tensor(tree["fc1"]["bias"])]
+  tensors += [tensor(np.asarray(tree["head"]["kernel"]).T), tensor(tree["head"]["bias"])]
   return tensors
 
 

@@ -99,9 +99,9 @@ def averaged_power_steps(hvp, v, m, q: int, decay: float):
   return v, m
 
 
-def flat(tree) -> np.ndarray:
-  """The pytree as one float64 vector."""
-  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+def flat(v) -> np.ndarray:
+  """A flat vector of the run (the trackers work on one) as float64 NumPy, for the dot products."""
+  return np.asarray(v, np.float64)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,11 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """An independent top eigenpair: ``--ref-iters`` Lanczos steps from a fresh start."""
     fresh = jax.random.normal(jax.random.key(seed), flat_params.shape)
     vals, vecs = hessian.top_k_eigenpairs(hvp, fresh, 1, num_iters=args.ref_iters, unroll=True)
-    return float(vals[0]), flat(jax.tree.map(lambda a: a[0], vecs))
+    return float(vals[0]), flat(vecs[0])
 
   args.full_examples = min(args.full_examples, len(labels))  # the report gives the count used
-  full = order[: args.full_examples]
-  full = (jnp.asarray(images[full]), jnp.asarray(labels[full])) if len(full) else None
+  full_idx = order[: args.full_examples]
+  full = (jnp.asarray(images[full_idx]), jnp.asarray(labels[full_idx])) if len(full_idx) else None
   spread: list[tuple[int, float, float]] = []  # (step, |cos| next minibatch, |cos| full)
   for step in range(args.steps):
     x, y = batch_at(step)
@@ -240,16 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
       else:
         _, vecs = hessian.top_k_eigenpairs(hvps[method], cached[key], 1, num_iters=q, unroll=True)
-        cached[key] = jax.tree.map(lambda a: a[0], vecs)
+        cached[key] = vecs[0]
     if step in compare_at:
       lam, ref = top(hvps["exact"], 1000 + step)
       refs.append((step, lam))
       ref_full = None
       if full is not None:
         _, ref_full = top(lambda v, p=params: hvp_exact_flat(p, v, *full), 2000 + step)
-        _, ref_next = top(
-          lambda v, p=params: hvp_exact_flat(p, v, *batch_at(step + 1)), 3000 + step
-        )
+        following = batch_at(step + 1)  # once, not on every HVP of the Lanczos run
+        _, ref_next = top(lambda v, p=params: hvp_exact_flat(p, v, *following), 3000 + step)
         spread.append((step, abs(float(ref @ ref_next)), abs(float(ref @ ref_full))))
       for key in settings:
         v = flat(cached[key])
