@@ -141,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   unknown = set(parse_list(args.trackers, str)) - set(TRACKERS)
   if unknown:
     parser.error(f"--trackers: unknown {sorted(unknown)}; choose from {', '.join(TRACKERS)}")
+  if args.full_examples < 0:
+    parser.error(f"--full-examples must be >= 0 (0: off), got {args.full_examples}")
   if not 0.0 <= args.average_decay < 1.0:
     parser.error(f"--average-decay must be in [0, 1), got {args.average_decay}")
   if args.figure is None:

@@ -162,3 +162,9 @@ def test_a_run_that_fails_in_a_worker_process_stops_the_study_with_its_error(tmp
   with pytest.raises(ValueError, match="rho"):
     study.run_all(runs, a, log=lambda _: None)
   assert not list(tmp_path.rglob("summary.json"))
+
+
+def test_a_worker_count_below_one_is_refused_by_name(capsys):
+  with pytest.raises(SystemExit):
+    args("--workers", "0")
+  assert "--workers must be >= 1" in capsys.readouterr().err

@@ -104,8 +104,14 @@ def test_the_averaged_tracker_follows_the_mean_hessian_not_the_last_minibatchs()
   np.testing.assert_allclose(v_zero, v_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_the_tracking_benchmark_rejects_an_unknown_tracker_by_name():
+def test_the_tracking_benchmark_rejects_an_unknown_tracker_and_bad_numbers_by_name(capsys):
   from benchmarks import tracking
 
-  with pytest.raises(SystemExit):
-    tracking.main(["--trackers", "power,oja"])
+  for argv, named in (
+    (["--trackers", "power,oja"], "--trackers"),
+    (["--full-examples", "-1"], "--full-examples"),
+    (["--average-decay", "1.0"], "--average-decay"),
+  ):
+    with pytest.raises(SystemExit):
+      tracking.main(argv)
+    assert named in capsys.readouterr().err

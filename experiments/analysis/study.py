@@ -550,6 +550,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--report_only", action="store_true")
   args = parser.parse_args(argv)
+  if args.workers < 1:
+    parser.error(f"--workers must be >= 1 (1 trains in this process), got {args.workers}")
   for name in ("regimes", "methods", "tune_regimes", "compute_regimes"):
     setattr(args, name, common.parse_list(getattr(args, name)))
   for name in ("seeds", "tune_seeds"):
