@@ -11,6 +11,13 @@ Datasets:
 * ``digits``: scikit-learn's bundled handwritten digits (1,797 images of 8×8 pixels, values
   0..16). It ships with scikit-learn, so it works offline; it is the default for quick runs.
   Images are float32 in [0, 1]; the split is a fixed stratified 80/20 split (1,437 / 360).
+* ``fashion_mnist``: Zalando's Fashion-MNIST (60,000 training and 10,000 test greyscale images
+  of 28×28, 10 classes of clothing), read from the four standard IDX files
+  (:data:`FASHION_MNIST_FILES`, gzip-compressed or not) in ``data_dir``, by default
+  :data:`FASHION_MNIST_DIR`, where Debian's package ``dataset-fashion-mnist`` installs them
+  (``apt-get install dataset-fashion-mnist``; ``make fashion-mnist``). Neither TensorFlow nor
+  tensorflow-datasets is needed. A directory without IDX files is tried as a prepared tfds
+  directory (below). See :func:`load_fashion_mnist_idx`.
 * ``cifar10``, ``cifar100``, ``fashion_mnist``, ``svhn`` (tfds ``svhn_cropped``): read through
   ``tfds.data_source`` (random-access ArrayRecord files) from a directory prepared beforehand.
   Nothing is ever downloaded at run time; a missing dataset raises
@@ -36,9 +43,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import math
 import os
+import zlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -59,6 +69,18 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's ``dataset-fashion-mnist`` installs the IDX files: the default ``data_dir``."""
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+"""Where the dataset's authors publish the four files (https://github.com/zalandoresearch/fashion-mnist)."""
+FASHION_MNIST_FILES = {
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+"""The (images, labels) IDX files of each split, without the optional ``.gz``."""
+FASHION_MNIST_SHAPE = (28, 28)
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -85,7 +107,11 @@ _TFDS_SPECS = {
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-  """A tfds dataset is not in ``data_dir`` in a random-access format (and is never downloaded)."""
+  """A dataset's files are not in ``data_dir`` (they are never downloaded at run time)."""
+
+
+class DatasetFileError(ValueError):
+  """A dataset file is present but is not what it should be (header, size or contents)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -159,7 +185,9 @@ def load_dataset(
   Args:
     name: one of :data:`DATASETS` (``"svhn_cropped"`` is accepted for ``"svhn"``).
     data_dir: directory of prepared tfds datasets; ``None`` uses tfds' default
-      (``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``). Ignored for ``digits``.
+      (``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``). For ``fashion_mnist``, a directory
+      of the four IDX files (``None``: :data:`FASHION_MNIST_DIR`), else of a prepared tfds
+      ``fashion_mnist`` (see :func:`load_fashion_mnist_idx`). Ignored for ``digits``.
     label_noise: fraction in [0, 1) of training labels to replace by a different class; see
       :func:`add_symmetric_label_noise`.
     seed: seed of the label noise. The digits train/test split does not depend on it.
@@ -173,7 +201,9 @@ def load_dataset(
 
   Raises:
     ValueError: for an unknown ``name`` or a ``label_noise`` outside [0, 1).
-    DatasetNotPreparedError: when a tfds dataset is not prepared in ``data_dir``.
+    DatasetNotPreparedError: when a tfds dataset is not prepared in ``data_dir``, or
+      Fashion-MNIST's files are in neither form there.
+    DatasetFileError: when a Fashion-MNIST IDX file is corrupt (it names the file).
   """
   name = "svhn" if name == "svhn_cropped" else name
   if name not in DATASETS:
@@ -186,8 +216,15 @@ def load_dataset(
   else:
     spec = _TFDS_SPECS[name]
     data_dir = None if data_dir is None else os.fspath(data_dir)
-    train_x, train_y, test_x, test_y = _load_tfds(name, spec.tfds_name, data_dir)
-    # Flips follow the SAM reference ("basic" = crop + flip for CIFAR, SVHN and F-MNIST alike).
+    if name == "fashion_mnist":
+      train_x, train_y, test_x, test_y = _load_fashion_mnist(data_dir)
+    else:
+      train_x, train_y, test_x, test_y = _load_tfds(name, spec.tfds_name, data_dir)
+    # The SAM reference's "basic" augmentation for CIFAR, SVHN and Fashion-MNIST alike: a flip
+    # and a 4-pixel pad + crop (sam_jax/datasets/augmentation.py, weak_image_augmentation, used
+    # unchanged for FashionMnist). Fashion-MNIST's ten classes are all mirror-invariant (a
+    # mirrored shirt or boot is still one), unlike digits; a 4-pixel shift of a 28-pixel image
+    # (14%) is close to CIFAR's 4 of 32. Zero padding is Fashion-MNIST's own black background.
     num_classes, pad, flip = spec.num_classes, 4, True
     if spec.mean is None:
       mean, std = channel_stats(train_x)
@@ -343,6 +380,189 @@ def channel_stats(
   std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
   std = np.where(std > 0, std, 1.0)
   return tuple(mean.tolist()), tuple(std.tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files (Fashion-MNIST)
+
+_IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only one MNIST-style files use
+
+
+def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
+  """Reads one IDX file of unsigned bytes, gzip-compressed if its name ends in ``.gz``.
+
+  The IDX format (LeCun's MNIST page): a 4-byte magic number ``0x00 0x00 0x08 ndim`` (``0x08``:
+  unsigned bytes), then ``ndim`` big-endian uint32 sizes, then exactly ``prod(sizes)`` bytes.
+
+  Args:
+    path: the file.
+    ndim: the number of dimensions the file must have (3 for images, 1 for labels).
+
+  Returns:
+    A uint8 array of the file's shape.
+
+  Raises:
+    FileNotFoundError: when ``path`` does not exist.
+    DatasetFileError: naming ``path``, for a wrong magic number or number of dimensions, a file
+      shorter or longer than its header says (a truncated download), or a broken gzip stream.
+
+  Example:
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "labels-idx1-ubyte"
+    >>> _ = path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 2, 9]))  # 3 labels: 7, 2, 9
+    >>> read_idx(path, ndim=1)
+    array([7, 2, 9], dtype=uint8)
+  """
+  path = Path(path)
+  try:
+    if path.name.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        raw = f.read()
+    else:
+      raw = path.read_bytes()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    raise DatasetFileError(f"{path}: not a complete gzip file ({exc}); truncated?") from exc
+  if len(raw) < 4:
+    raise DatasetFileError(f"{path}: {len(raw)} bytes, too short for an IDX header")
+  if raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
+    raise DatasetFileError(
+      f"{path}: magic number 0x{raw[:4].hex()}, expected 0x0000{_IDX_UBYTE:02x}{ndim:02x} (an IDX "
+      f"file of unsigned bytes with {ndim} dimension{'s' if ndim > 1 else ''})"
+    )
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DatasetFileError(f"{path}: {len(raw)} bytes, shorter than its {header}-byte header")
+  shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+  expected = header + math.prod(shape)
+  if len(raw) != expected:
+    kind = "truncated" if len(raw) < expected else "has trailing bytes"
+    raise DatasetFileError(
+      f"{path}: {len(raw)} bytes, but its header (shape {shape}) says {expected}: the file {kind}"
+    )
+  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy()
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+  """``stem.gz`` or ``stem`` in ``directory`` (the compressed file first), or None."""
+  for candidate in (directory / f"{stem}.gz", directory / stem):
+    if candidate.is_file():
+      return candidate
+  return None
+
+
+def fashion_mnist_instructions(directory: str | os.PathLike | None = None) -> str:
+  """How to get the Fashion-MNIST files onto any machine (part of every error about them)."""
+  files = ", ".join(f"{stem}.gz" for pair in FASHION_MNIST_FILES.values() for stem in pair)
+  where = f" (now {directory})" if directory is not None else ""
+  return (
+    "Get the four IDX files either way:\n"
+    f"  - Debian/Ubuntu: `apt-get install {FASHION_MNIST_PACKAGE}` as root (or `make "
+    f"fashion-mnist`) puts them in {FASHION_MNIST_DIR}, the default data_dir;\n"
+    f"  - any machine: download {files} from {FASHION_MNIST_URL} (listed at "
+    "https://github.com/zalandoresearch/fashion-mnist) into a directory DIR, gzipped or not,\n"
+    f"then pass `--set data_dir=DIR`{where} to experiments.train (data_dir=DIR to "
+    "load_dataset). A directory of a prepared tensorflow-datasets `fashion_mnist` works too."
+  )
+
+
+def load_fashion_mnist_idx(
+  directory: str | os.PathLike = FASHION_MNIST_DIR,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Reads Fashion-MNIST from the four standard IDX files in ``directory``.
+
+  Each file may be gzip-compressed (``train-images-idx3-ubyte.gz``, as published and as the
+  Debian package installs them) or not (``train-images-idx3-ubyte``); the compressed one is
+  read when both exist. Subsets of the 60,000 / 10,000 images are accepted; the images must be
+  28×28 and every label in 0..9.
+
+  Args:
+    directory: the directory of the files.
+
+  Returns:
+    ``(train_images, train_labels, test_images, test_labels)``: uint8 (N, 28, 28, 1) images
+    and int32 (N,) labels.
+
+  Raises:
+    DatasetNotPreparedError: when a file is missing; it names the directory, the missing
+      files and how to get them (:func:`fashion_mnist_instructions`).
+    DatasetFileError: naming the file, when a file is corrupt (see :func:`read_idx`), the
+      images are not 28×28, the image and label counts of a split differ, or a label is
+      outside 0..9. The message also says how to get intact files.
+
+  Example:
+    >>> import os
+    >>> if os.path.isdir(FASHION_MNIST_DIR):  # apt-get install dataset-fashion-mnist
+    ...   train_x, train_y, test_x, test_y = load_fashion_mnist_idx()
+    ...   assert train_x.shape == (60000, 28, 28, 1) and test_y.shape == (10000,)
+  """
+  directory = Path(directory)
+  paths = {
+    stem: _find_idx(directory, stem) for pair in FASHION_MNIST_FILES.values() for stem in pair
+  }
+  missing = [stem for stem, path in paths.items() if path is None]
+  if missing:
+    state = (
+      "is not a directory"
+      if not directory.is_dir()
+      else "lacks " + ", ".join(f"{stem}.gz" for stem in missing)
+    )
+    raise DatasetNotPreparedError(
+      f"Fashion-MNIST: {directory} {state} (each file may also be uncompressed, without .gz). "
+      + fashion_mnist_instructions(directory)
+    )
+  arrays = []
+  try:
+    for images_stem, labels_stem in FASHION_MNIST_FILES.values():
+      images_path, labels_path = paths[images_stem], paths[labels_stem]
+      images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+      if images.shape[1:] != FASHION_MNIST_SHAPE:
+        raise DatasetFileError(
+          f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels, expected "
+          f"{FASHION_MNIST_SHAPE[0]}x{FASHION_MNIST_SHAPE[1]}"
+        )
+      if images.shape[0] != labels.shape[0]:
+        raise DatasetFileError(
+          f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
+          f"{labels.shape[0]} labels; the two files of a split must agree"
+        )
+      if labels.size and labels.max() >= 10:
+        raise DatasetFileError(f"{labels_path}: label {int(labels.max())} outside 0..9")
+      arrays += [images[..., None], labels.astype(np.int32)]
+  except DatasetFileError as exc:
+    raise DatasetFileError(
+      f"Fashion-MNIST: {exc}. " + fashion_mnist_instructions(directory)
+    ) from exc
+  return tuple(arrays)
+
+
+def _has_any_idx(directory: Path) -> bool:
+  return any(
+    _find_idx(directory, stem) is not None for pair in FASHION_MNIST_FILES.values() for stem in pair
+  )
+
+
+def _load_fashion_mnist(
+  data_dir: str | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """IDX files in ``data_dir`` (default :data:`FASHION_MNIST_DIR`) if it holds any, else tfds.
+
+  A directory with even one of the IDX files is read as IDX (so a missing or corrupt one is
+  reported as such, not hidden by a tfds fallback); one without any is tried as a prepared
+  tfds directory (``None``: tfds' default), and if that fails too, the error says how to get
+  the IDX files.
+  """
+  directory = Path(data_dir if data_dir is not None else FASHION_MNIST_DIR)
+  if _has_any_idx(directory):
+    return load_fashion_mnist_idx(directory)
+  try:
+    return _load_tfds("fashion_mnist", "fashion_mnist", data_dir)
+  except (DatasetNotPreparedError, ImportError) as exc:
+    tfds_where = data_dir if data_dir is not None else "$TFDS_DATA_DIR or ~/tensorflow_datasets"
+    state = "has none of the IDX files" if directory.is_dir() else "does not exist"
+    raise DatasetNotPreparedError(
+      f"Fashion-MNIST: {directory} {state}, and no prepared tensorflow-datasets fashion_mnist "
+      f"is in {tfds_where} ({type(exc).__name__}). " + fashion_mnist_instructions(directory)
+    ) from exc
 
 
 # --------------------------------------------------------------------------------------------

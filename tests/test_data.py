@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -106,6 +108,146 @@ def test_missing_tfds_dataset_in_the_default_directory_raises_the_same_error(tmp
     JAX_PLATFORMS="cpu",
   )
   assert result.stdout.split() == ["OK", "True"], result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST from IDX files (the reader is the real one; the files are written here)
+
+
+def _idx_bytes(array: np.ndarray, magic: bytes | None = None) -> bytes:
+  """An IDX file of unsigned bytes, written from the format's definition (LeCun's MNIST page)."""
+  magic = bytes([0, 0, 0x08, array.ndim]) if magic is None else magic
+  return magic + np.asarray(array.shape, ">u4").tobytes() + np.asarray(array, np.uint8).tobytes()
+
+
+def _write_fashion_mnist(
+  directory: Path, *, gz: bool = True, num_train: int = 12, num_test: int = 6
+):
+  """The four files with random 28x28 images and labels 0..9; returns what was written."""
+  rng = np.random.default_rng(0)
+  directory.mkdir(parents=True, exist_ok=True)
+  written = {}
+  for split, count in (("train", num_train), ("t10k", num_test)):
+    images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=count, dtype=np.uint8)
+    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+      raw = _idx_bytes(array)
+      name = f"{split}-{kind}-ubyte" + (".gz" if gz else "")
+      (directory / name).write_bytes(gzip.compress(raw) if gz else raw)
+      written[f"{split}-{kind}"] = array
+  return written
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "raw"])
+def test_fashion_mnist_is_read_from_the_four_idx_files_gzipped_or_not(tmp_path, gz):
+  written = _write_fashion_mnist(tmp_path, gz=gz)
+  ds = data.load_dataset("fashion_mnist", data_dir=tmp_path)
+  assert ds.train_images.shape == (12, 28, 28, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_images.shape == (6, 28, 28, 1) and ds.test_labels.dtype == np.int32
+  np.testing.assert_array_equal(ds.train_images[..., 0], written["train-images-idx3"])
+  np.testing.assert_array_equal(ds.train_labels, written["train-labels-idx1"])
+  np.testing.assert_array_equal(ds.test_images[..., 0], written["t10k-images-idx3"])
+  np.testing.assert_array_equal(ds.test_labels, written["t10k-labels-idx1"])
+  x = written["train-images-idx3"].astype(np.float64) / 255.0
+  np.testing.assert_allclose((ds.mean[0], ds.std[0]), (x.mean(), x.std()), rtol=1e-10)
+  assert (ds.num_classes, ds.augment_pad, ds.augment_flip) == (10, 4, True)
+
+
+def test_fashion_mnist_idx_files_get_label_noise_and_a_validation_split_like_any_dataset(tmp_path):
+  _write_fashion_mnist(tmp_path, num_train=40)
+  ds = data.load_dataset(
+    "fashion_mnist", data_dir=tmp_path, label_noise=0.5, seed=3, validation_fraction=0.25
+  )
+  assert ds.num_train == 30 and ds.num_test == 10  # the test split is carved from training
+  assert ds.noisy_mask.sum() > 0
+  batch = next(data.train_batches(ds, batch_size=8, seed=0, epoch=0))
+  assert batch["image"].shape == (8, 28, 28, 1) and batch["image"].dtype == np.float32
+
+
+def test_idx_files_in_data_dir_are_read_before_tfds_is_tried(tmp_path):
+  written = _write_fashion_mnist(tmp_path)
+  with tfds.testing.mock_data(num_examples=3):  # tfds would give 3 random examples
+    ds = data.load_dataset("fashion_mnist", data_dir=tmp_path)
+  np.testing.assert_array_equal(ds.train_labels, written["train-labels-idx1"])
+
+
+def test_an_idx_file_with_a_wrong_magic_number_is_refused_by_name(tmp_path):
+  _write_fashion_mnist(tmp_path)
+  path = tmp_path / "train-labels-idx1-ubyte.gz"
+  # An images header (3 dimensions) where labels (1 dimension) belong.
+  path.write_bytes(gzip.compress(_idx_bytes(np.zeros(12, np.uint8), magic=b"\x00\x00\x08\x03")))
+  with pytest.raises(data.DatasetFileError, match="magic number 0x00000803") as info:
+    data.load_dataset("fashion_mnist", data_dir=tmp_path)
+  assert str(path) in str(info.value)
+  assert "apt-get install dataset-fashion-mnist" in str(info.value)
+
+
+def test_image_and_label_counts_that_disagree_are_refused_naming_both_files(tmp_path):
+  _write_fashion_mnist(tmp_path, gz=False)
+  labels = tmp_path / "t10k-labels-idx1-ubyte"
+  labels.write_bytes(_idx_bytes(np.zeros(5, np.uint8)))  # 6 test images, 5 labels
+  with pytest.raises(data.DatasetFileError, match=r"holds 6 images but .* holds 5 labels") as info:
+    data.load_dataset("fashion_mnist", data_dir=tmp_path)
+  assert str(labels) in str(info.value)
+  assert str(tmp_path / "t10k-images-idx3-ubyte") in str(info.value)
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "raw"])
+def test_a_truncated_idx_file_is_refused_by_name(tmp_path, gz):
+  _write_fashion_mnist(tmp_path, gz=gz)
+  path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+  raw = path.read_bytes()
+  path.write_bytes(raw[: len(raw) - 100])  # an interrupted download
+  with pytest.raises(data.DatasetFileError, match="truncated") as info:
+    data.load_dataset("fashion_mnist", data_dir=tmp_path)
+  assert str(path) in str(info.value)
+
+
+def test_images_that_are_not_28_by_28_or_labels_outside_0_to_9_are_refused(tmp_path):
+  _write_fashion_mnist(tmp_path, gz=False)
+  images = tmp_path / "train-images-idx3-ubyte"
+  images.write_bytes(_idx_bytes(np.zeros((12, 32, 32), np.uint8)))
+  with pytest.raises(data.DatasetFileError, match=re.escape(f"{images}: images of 32x32 pixels")):
+    data.load_dataset("fashion_mnist", data_dir=tmp_path)
+  images.write_bytes(_idx_bytes(np.zeros((12, 28, 28), np.uint8)))
+  labels = tmp_path / "train-labels-idx1-ubyte"
+  labels.write_bytes(_idx_bytes(np.full(12, 10, np.uint8)))
+  with pytest.raises(data.DatasetFileError, match=re.escape(f"{labels}: label 10 outside 0..9")):
+    data.load_dataset("fashion_mnist", data_dir=tmp_path)
+
+
+def test_a_missing_idx_file_names_the_directory_the_package_the_site_and_the_flag(tmp_path):
+  _write_fashion_mnist(tmp_path)
+  (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+  with pytest.raises(data.DatasetNotPreparedError) as info:
+    data.load_dataset("fashion_mnist", data_dir=tmp_path)
+  message = str(info.value)
+  assert f"{tmp_path} lacks t10k-labels-idx1-ubyte.gz" in message
+  assert "apt-get install dataset-fashion-mnist" in message
+  assert data.FASHION_MNIST_URL in message and "--set data_dir=DIR" in message
+
+
+def test_a_directory_without_idx_files_or_tfds_data_says_how_to_get_the_idx_files(tmp_path):
+  with pytest.raises(data.DatasetNotPreparedError) as info:
+    data.load_dataset("fashion_mnist", data_dir=tmp_path / "nowhere")
+  message = str(info.value)
+  assert f"{tmp_path / 'nowhere'} does not exist" in message
+  assert "tensorflow-datasets" in message
+  assert "apt-get install dataset-fashion-mnist" in message and "--set data_dir=DIR" in message
+
+
+def test_the_real_fashion_mnist_files_hold_60000_and_10000_images_of_ten_classes():
+  if not os.path.isdir(data.FASHION_MNIST_DIR):
+    pytest.skip(
+      f"Fashion-MNIST is not in {data.FASHION_MNIST_DIR}: `apt-get install "
+      "dataset-fashion-mnist` (or `make fashion-mnist`) to run this test"
+    )
+  ds = data.load_dataset("fashion_mnist")  # the default data_dir: the Debian package's
+  assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
+  # Fashion-MNIST is balanced: 6,000 training and 1,000 test images per class.
+  np.testing.assert_array_equal(np.bincount(ds.train_labels), np.full(10, 6000))
+  np.testing.assert_array_equal(np.bincount(ds.test_labels), np.full(10, 1000))
+  np.testing.assert_allclose((ds.mean[0], ds.std[0]), (0.2860, 0.3530), atol=5e-4)
 
 
 def test_unknown_dataset_name_lists_the_choices():

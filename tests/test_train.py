@@ -292,6 +292,36 @@ def test_missing_tfds_dataset_error_says_how_to_prepare_it(capsys, tmp_path):
   assert "cifar10" in err and "data_dir" in err
 
 
+FASHION_CONFIG = "experiments/configs/fashion_mnist_simple_cnn.py"
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt"])
+def test_missing_or_corrupt_fashion_mnist_files_stop_the_cli_before_anything_is_written(
+  capsys, tmp_path, problem
+):
+  data_dir = tmp_path / "fashion"
+  if problem == "corrupt":
+    data_dir.mkdir()
+    for stem in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+      (data_dir / f"{stem}-ubyte.gz").write_bytes(b"an HTML error page, not gzip")
+  workdir = tmp_path / "run"
+  code = train_lib.main(
+    [
+      "--config",
+      f"{FASHION_CONFIG}:sgd",
+      "--workdir",
+      str(workdir),
+      "--set",
+      f"data_dir={data_dir}",
+    ]
+  )
+  assert code == 2
+  assert not workdir.exists()
+  err = capsys.readouterr().err
+  assert str(data_dir) in err
+  assert "apt-get install dataset-fashion-mnist" in err and "--set data_dir=DIR" in err
+
+
 def test_float64_compute_holds_params_state_and_loss_in_float64_from_the_float32_init():
   config32 = _config("xsam")
   dataset = data_lib.load_dataset("digits", label_noise=0.4)

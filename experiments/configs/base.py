@@ -42,6 +42,8 @@ class TrainConfig:
 
   # Data.
   dataset: str = "digits"
+  # Prepared tfds datasets (None: tfds' default); for fashion_mnist a directory of its four IDX
+  # files (None: Debian's /usr/share/datasets/fashion-mnist), else of a prepared tfds one.
   data_dir: str | None = None
   label_noise: float = 0.0  # symmetric noise on training labels (SAM paper Table 4)
   # A smaller training set: keep this many training examples (0: all), drawn per seed after
