@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Reuse XLA compilations across processes and runs (the CPU demo and tests compile a lot).
 export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(VENV))/xla-cache
 
-.PHONY: setup test test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study start transformer clean
+.PHONY: setup fashion-mnist test test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study start transformer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,28 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Fashion-MNIST's four IDX files (30 MB), the dataset of `--set dataset=fashion_mnist`: Debian's
+# package puts them in $(FASHION_MNIST_DIR), the default data_dir. As root with apt-get this
+# installs it (about 10 s: apt-get update 4 s, download and unpack 6 s); elsewhere it prints how
+# to get the files by hand and fails. Needs no virtual environment.
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_URL := http://fashion-mnist.s3-website.eu-central-1.amazonaws.com
+FASHION_MNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST is in $(FASHION_MNIST_DIR), the default data_dir."; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist && \
+	  echo "Fashion-MNIST is in $(FASHION_MNIST_DIR), the default data_dir."; \
+	else \
+	  echo "Fashion-MNIST is not in $(FASHION_MNIST_DIR) and this shell cannot install it (needs root and apt-get). Either:"; \
+	  echo "  - Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist   (then the default data_dir works), or"; \
+	  echo "  - any machine: download the four files into a directory DIR:"; \
+	  echo "      mkdir -p DIR && cd DIR && for f in $(FASHION_MNIST_FILES); do curl -fLO $(FASHION_MNIST_URL)/\$$f.gz; done"; \
+	  echo "    (listed at https://github.com/zalandoresearch/fashion-mnist) and train with --set data_dir=DIR."; \
+	  exit 1; \
+	fi
 
 # Everything, the multi-process launches included (`make test-multiprocess` runs those alone).
 # `--dist loadfile`: one worker per test file, so session fixtures (reference runs) run once.
