@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_jax._accumulate import check_accumulation_steps, record_arguments
 from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
-  check_positive_int,
   check_range,
   check_update_args,
   keep_dtypes,
@@ -87,6 +87,7 @@ def sam_perturbation(
   return optax.tree.scale(rho / (optax.tree.norm(tg) + eps), t2g), grad_norm
 
 
+@record_arguments
 def sam(
   rho: ScalarOrSchedule = 0.05,
   *,
@@ -173,7 +174,7 @@ def sam(
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("eta", eta, 0.0)
-  check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
+  check_accumulation_steps(accumulation_steps)
   method = "xsam_jax.asam" if adaptive else "xsam_jax.sam"
 
   def init_fn(params: PyTree) -> SAMState:
