@@ -148,10 +148,9 @@ def eigen_sam(
       dominates (then ``eigval < 0``); ``"lanczos"`` (top Ritz pair of a Lanczos run
       warm-started from the cached vector, ``power_iters`` extra param-sized buffers during the
       refresh) targets the largest *algebraic* eigenvalue. See ``benchmarks/RESULTS.md``.
-    accumulation_steps: micro-batches per optimizer step when followed by
-      ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``: refresh on the first
-      micro-batch of every ``refresh_every``-th optimizer step; schedules read
-      ``count // accumulation_steps``.
+    accumulation_steps: set by :func:`~xsam_jax.accumulate` only (a value > 1 given by hand
+      raises ``ValueError``): micro-batches per optimizer step; the refresh and schedules then
+      read the optimizer step ``count // accumulation_steps``.
     hvp_method: ``"exact"`` (forward-over-reverse, default) or ``"forward_difference"`` (one
       gradient per HVP, base gradient shared; relative error :math:`O(\sqrt{u})`, see
       :func:`xsam_jax.hessian.hvp`). With ``"forward_difference"`` and no ``eig_grad_fn``,

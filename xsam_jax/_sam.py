@@ -126,10 +126,10 @@ def sam(
   device-varying parameters (``jax.lax.pcast(params, axis, to="varying")``); a gradient already
   reduced over the axis is refused with a ``ValueError`` (see the README, "Data parallelism").
 
-  Gradient accumulation: ``optax.chain(sam(..., accumulation_steps=k),
-  optax.MultiSteps(base, every_k_schedule=k).gradient_transformation())``; each micro-batch
-  makes its own ascent and the base optimizer receives the mean of the k SAM gradients. Do not
-  put the method *inside* ``MultiSteps``: that calls it on the running mean of clean gradients
+  Gradient accumulation: ``xsam_jax.accumulate(sam(...), base, k)`` (see
+  :func:`~xsam_jax.accumulate`); each micro-batch makes its own ascent and the base optimizer
+  receives the mean of the k SAM gradients. ``optax.MultiSteps(optax.chain(sam(...), base), k)``
+  is wrong and cannot be detected: it calls the method on the running mean of clean gradients
   and keeps only the last micro-batch's perturbed gradient.
 
   Args:
@@ -142,16 +142,17 @@ def sam(
       :math:`T` only to weights, not biases). Default: every leaf.
     eps: added to every norm before division.
     axis_name: the mapped axis name inside ``shard_map``/``pmap``, or None under plain ``jit``.
-    accumulation_steps: micro-batches per optimizer step when followed by
-      ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``; a ``rho`` schedule then
-      reads the optimizer step ``count // accumulation_steps``. Python int >= 1.
+    accumulation_steps: set by :func:`~xsam_jax.accumulate` only (a value > 1 given by hand
+      raises ``ValueError``): micro-batches per optimizer step; a ``rho`` schedule then reads
+      the optimizer step ``count // accumulation_steps``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``;
     ``update(updates, state, params, *, grad_fn, **extra)``.
 
   Raises:
-    ValueError: for ``rho < 0``, ``eta < 0``, ``accumulation_steps < 1``, when ``params`` or
+    ValueError: for ``rho < 0``, ``eta < 0``, ``accumulation_steps < 1`` (or > 1 outside
+      :func:`~xsam_jax.accumulate`), when ``params`` or
       ``grad_fn`` is missing, and for data-parallel misuse: ``axis_name`` not a mapped axis,
       a clean gradient already reduced over it, a ``grad_fn`` that reduces, or a gradient that
       varies over a mapped axis while ``axis_name`` is None.
