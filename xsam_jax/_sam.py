@@ -125,6 +125,8 @@ def sam(
   means over devices. With ``shard_map``'s default ``check_vma=True`` take the clean gradient at
   device-varying parameters (``jax.lax.pcast(params, axis, to="varying")``); a gradient already
   reduced over the axis is refused with a ``ValueError`` (see the README, "Data parallelism").
+  Do not ``pmean`` the loss: under ``check_vma=True`` that silently divides every gradient by the
+  number of devices (its type is that of the device's own gradient, so it cannot be detected).
 
   Gradient accumulation: ``xsam_jax.accumulate(sam(...), base, k)`` (see
   :func:`~xsam_jax.accumulate`); each micro-batch makes its own ascent and the base optimizer
