@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(
   from jax.sharding import Mesh, PartitionSpec as P, NamedSharding
   import xsam_jax
   from xsam_jax import hessian
+  from jax.flatten_util import ravel_pytree
 
   N = 4
   assert jax.device_count() == N, jax.devices()
@@ -91,58 +92,88 @@ SCRIPT = textwrap.dedent(
                                  atol=1e-7)
     return jax.tree.map(lambda a: a[0], stacked)
 
-  def reference(name):
-    # One device, shard by shard: the mean of each shard's own sharpness-aware gradient, the
-    # eigenvector from the full batch (pmean of HVPs = HVP of the mean loss).
-    tx = METHODS[name]()
-    full_out, full_state = step(tx, x, y, same)
-    outs, states = [], []
-    for i in range(N):
-      st = tx.init(params)
-      if hasattr(st, "eigvec"):
-        st = st._replace(eigvec=full_state.eigvec, eigval=full_state.eigval)
-        if name.startswith("xsam"):  # correction applied to the mean: take SAM per shard
-          sam_tx = xsam_jax.sam(rho=0.1)
-          o, s = sam_tx.update(jax.grad(loss)(params, xs[i], ys[i]), sam_tx.init(params),
-                               params, grad_fn=grad_fn_of(xs[i], ys[i]))
-          outs.append(o), states.append(s)
-          continue
-      o, s = tx.update(jax.grad(loss)(params, xs[i], ys[i]), st, params,
-                       grad_fn=grad_fn_of(xs[i], ys[i]), refresh=False)
-      outs.append(o), states.append(s)
-    mean = lambda trees: jax.tree.map(lambda *a: sum(a) / N, *trees)
-    out = mean(outs)
-    if not name.startswith("xsam"):
-      return out, mean(states)._replace(count=full_state.count), full_state
-    v = full_state.eigvec
-    norm = optax.tree.norm(out)
-    unit = jax.tree.map(lambda a: a / norm, out)
-    c = optax.tree.vdot(unit, v)
-    corrected = jax.tree.map(lambda u, vv: u - 0.3 * c * vv, unit, v)
-    return corrected, full_state._replace(grad_norm=mean(states).grad_norm, cos=c,
-                                          adv_grad_norm=norm,
-                                          ascent_curvature=mean(states).ascent_curvature
-                                          ), full_state
-
+  # Independent reference in NumPy (float64) from the formulas, with m-sharpness: each shard
+  # ascends along its own gradient, the returned gradient is the mean of the shards' perturbed
+  # gradients, and the eigenvector comes from the mean of the shards' Hessians (dense, through
+  # jax.hessian of the loss; no xsam_jax code). One shard is plain jit's global ascent.
   def flat(tree):
     return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
 
-  def check(name, mode, got):
+  W0, unravel = ravel_pytree(params)
+  W0 = np.asarray(W0, np.float64)
+  unit = lambda a: a / np.linalg.norm(a)
+
+  def np_grad(z, xi, yi):
+    f = lambda q: loss(unravel(jnp.asarray(q, jnp.float32)), xi, yi)
+    return np.asarray(jax.grad(f)(jnp.asarray(z, jnp.float32)), np.float64)
+
+  def np_hess(xi, yi):
+    f = lambda q: loss(unravel(q), xi, yi)
+    return np.asarray(jax.hessian(f)(jnp.asarray(W0, jnp.float32)), np.float64)
+
+  def np_eigvec(name, shards):
+    hess = np.mean([np_hess(*sh) for sh in shards], axis=0)
+    v = flat(METHODS[name]().init(params).eigvec).astype(np.float64)
+    if name == "xsam_lanczos":  # 8 Krylov vectors, reorthogonalised; top algebraic Ritz pair
+      basis = []
+      q = unit(v)
+      for _ in range(8):
+        for b in basis:
+          q = q - (b @ q) * b
+        q = unit(q)
+        basis.append(q)
+        q = hess @ q
+      basis = np.stack(basis, 1)
+      vals, vecs = np.linalg.eigh(basis.T @ hess @ basis)
+      return vals[-1], unit(basis @ vecs[:, -1])
+    lam = 0.0
+    for _ in range(ITERS):
+      lam, v = v @ hess @ v, unit(hess @ v)
+    return lam, v
+
+  def np_reference(name, shards):
+    # Returns (the returned gradient, {state field: value}) from the formulas.
+    gs = [np_grad(W0, *sh) for sh in shards]
+    ref = {"count": 1.0, "grad_norm": np.mean([np.linalg.norm(g) for g in gs])}
+    if name in ("sam", "asam", "xsam", "xsam_lanczos", "xsam_fd"):
+      rho = 0.5 if name == "asam" else 0.1
+      if name == "asam":
+        t = np.abs(W0) + 0.01
+        eps_ = [rho * t**2 * g / np.linalg.norm(t * g) for g in gs]
+      else:
+        eps_ = [rho * unit(g) for g in gs]
+    else:
+      lam, v = np_eigvec(name, shards)
+      cs = [unit(g) @ v for g in gs]
+      eps_ = [0.1 * (unit(g) + 0.3 * np.sign(c) * (v - c * unit(g))) for g, c in zip(gs, cs)]
+      ref.update(eigvec=v, eigval=lam, cos=np.mean(cs))
+    advs = [np_grad(W0 + e, *sh) for e, sh in zip(eps_, shards)]
+    ref["ascent_curvature"] = np.mean(
+      [e @ (a - g) / (e @ e) for e, a, g in zip(eps_, advs, gs)])
+    out = np.mean(advs, axis=0)
+    if name in ("sam", "asam"):
+      ref["perturbation_norm"] = np.mean([np.linalg.norm(e) for e in eps_])
+    if name.startswith("xsam"):
+      lam, v = np_eigvec(name, shards)
+      u = unit(out)
+      c = u @ v
+      ref.update(eigvec=v, eigval=lam, cos=c, adv_grad_norm=np.linalg.norm(out))
+      out = u - 0.3 * c * v
+    return out, ref
+
+  def check(name, mode, got, shards=None):
     out, state = got
-    ref_out, ref_state, full_state = reference(name)
-    if hasattr(state, "eigvec"):
-      # The shared eigenvector is the full-batch one (up to sign), with its eigenvalue.
-      assert abs(flat(state.eigvec) @ flat(full_state.eigvec)) > 0.9999, (name, mode)
-      np.testing.assert_allclose(state.eigval, full_state.eigval, rtol=1e-4)
-      # Recompute the reference correction with the device's own copy of v (sign included).
-      sign = np.sign(flat(state.eigvec) @ flat(full_state.eigvec))
-      ref_state = ref_state._replace(eigvec=state.eigvec, eigval=state.eigval,
-                                     cos=sign * ref_state.cos)
-    np.testing.assert_allclose(flat(out), flat(ref_out), rtol=2e-4, atol=2e-6,
-                               err_msg=f"{name} {mode}")
-    for field in ref_state._fields:
-      np.testing.assert_allclose(flat(getattr(state, field)), flat(getattr(ref_state, field)),
-                                 rtol=2e-4, atol=2e-6, err_msg=f"{name} {mode} {field}")
+    ref_out, ref = np_reference(name, shards or list(zip(xs, ys)))
+    # Forward differences: every product carries its O(sqrt(u)) error (hessian.hvp).
+    tol = dict(rtol=3e-3, atol=3e-4) if name.endswith("_fd") else dict(rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(flat(out), ref_out, **tol, err_msg=f"{name} {mode}")
+    if "eigvec" in ref:
+      # The eigenvector is defined up to sign: compare with the sign the device holds.
+      sign = np.sign(flat(state.eigvec) @ ref["eigvec"])
+      ref["eigvec"], ref["cos"] = sign * ref["eigvec"], sign * ref["cos"]
+    for field, want in ref.items():
+      np.testing.assert_allclose(flat(getattr(state, field)), np.ravel(want), **tol,
+                                 err_msg=f"{name} {mode} {field}")
     # Shapes and dtypes as after init, so the state can be carried by cond/scan.
     dtypes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
     assert dtypes(state) == dtypes(METHODS[name]().init(params)), (name, mode)
@@ -153,6 +184,29 @@ SCRIPT = textwrap.dedent(
     check(name, "shard_map(check_vma=False)", in_shard_map(tx, False))
     check(name, "pmap", in_pmap(tx))
   print("CHECKED", "m-sharpness")
+
+  # A pmean inside the loss (harmless under pmap) under shard_map(check_vma=True): the gradient
+  # at device-varying params comes back divided by N and typed exactly like the device's own,
+  # so the library cannot tell; the README says so. Pinned here: SAM's gradient and X-SAM's
+  # eigval are 1/N of the documented pattern's.
+  def pmean_loss(p, x, y):
+    return jax.lax.pmean(loss(p, x, y), "data")
+
+  def pmean_step(tx, x, y):
+    state = tx.init(params)
+    g = jax.grad(pmean_loss)(pcast(params), x, y)
+    return tx.update(g, state, params, grad_fn=lambda p: jax.grad(pmean_loss)(p, x, y))
+
+  for name in ("sam", "xsam"):
+    f = lambda x, y, tx=METHODS[name](axis_name="data"): pmean_step(tx, x, y)
+    out, state = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P("data")),
+                                       out_specs=P()))(x, y)
+    ref_out, ref = np_reference(name, list(zip(xs, ys)))
+    if name == "sam":
+      np.testing.assert_allclose(flat(out), ref_out / N, rtol=2e-4, atol=2e-6)
+    else:
+      np.testing.assert_allclose(state.eigval, ref["eigval"] / N, rtol=2e-4)
+  print("CHECKED", "pmean in the loss")
 
   # Hessian toolbox and the out-of-step refresh: HVP of the mean loss on every path.
   v = jax.tree.map(jnp.ones_like, params)
@@ -184,15 +238,13 @@ SCRIPT = textwrap.dedent(
   np.testing.assert_allclose(got, want, rtol=1e-4)
   print("CHECKED", "hvp")
 
-  # Plain jit with a sharded batch: nothing special, same as unsharded.
+  # Plain jit with a sharded batch: one global ascent, against the one-shard formulas.
   for name, make in METHODS.items():
     tx = make()
     run = jax.jit(functools.partial(step, tx, local=same))
     sharded = run(jax.device_put(x, NamedSharding(mesh, P("data"))),
                   jax.device_put(y, NamedSharding(mesh, P("data"))))
-    # Forward differences amplify the summation-order rounding of a sharded gradient by 1/h.
-    atol = 1e-4 if name.endswith("_fd") else 1e-6
-    np.testing.assert_allclose(flat(sharded), flat(run(x, y)), rtol=1e-4, atol=atol)
+    check(name, "jit", sharded, shards=[(x, y)])
   print("CHECKED", "jit")
 
   # Sharded parameters (jit, no axis_name): an eagerly initialised state already has the
@@ -265,5 +317,5 @@ def test_every_device_mapping_gives_m_sharpness_identical_state_and_clear_errors
     [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
-  for part in ("m-sharpness", "hvp", "jit", "shardings", "errors"):
+  for part in ("m-sharpness", "pmean in the loss", "hvp", "jit", "shardings", "errors"):
     assert f"CHECKED {part}" in proc.stdout, proc.stdout

@@ -8,11 +8,13 @@ gradient to the optimizer after it.
 * :func:`sam` -- SAM, and ASAM with ``adaptive=True``.
 * :func:`eigen_sam` -- Eigen-SAM: perturbation tilted towards the top Hessian eigenvector.
 * :func:`xsam` -- X-SAM: perturbed gradient corrected along the top Hessian eigenvector.
+* :func:`accumulate` -- gradient accumulation over k micro-batches, built from one k.
 * :func:`refresh_eigenvector` -- refresh the cached eigenvector outside the training step.
 * :mod:`xsam_jax.hessian` -- HVPs, power iteration, Lanczos, trace and spectral density.
 """
 
 from xsam_jax import hessian
+from xsam_jax._accumulate import accumulate
 from xsam_jax._eigen_sam import EigenSAMState, eigen_sam
 from xsam_jax._eigvec import is_due, refresh_eigenvector
 from xsam_jax._sam import SAMState, sam
@@ -24,6 +26,7 @@ __all__ = [
   "EigenSAMState",
   "SAMState",
   "XSAMState",
+  "accumulate",
   "eigen_sam",
   "hessian",
   "is_due",

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from xsam_jax import hessian
+from xsam_jax._accumulate import check_accumulation_steps, record_arguments
 from xsam_jax._eigvec import check_tracker, init_eigvec, maybe_refresh
 from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
@@ -81,6 +82,7 @@ def eigen_sam_perturbation(
   return optax.tree.scale(rho, direction), cos, grad_norm
 
 
+@record_arguments
 def eigen_sam(
   rho: ScalarOrSchedule = 0.05,
   alpha: ScalarOrSchedule = 0.2,
@@ -146,10 +148,9 @@ def eigen_sam(
       dominates (then ``eigval < 0``); ``"lanczos"`` (top Ritz pair of a Lanczos run
       warm-started from the cached vector, ``power_iters`` extra param-sized buffers during the
       refresh) targets the largest *algebraic* eigenvalue. See ``benchmarks/RESULTS.md``.
-    accumulation_steps: micro-batches per optimizer step when followed by
-      ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``: refresh on the first
-      micro-batch of every ``refresh_every``-th optimizer step; schedules read
-      ``count // accumulation_steps``.
+    accumulation_steps: set by :func:`~xsam_jax.accumulate` only (a value > 1 given by hand
+      raises ``ValueError``): micro-batches per optimizer step; the refresh and schedules then
+      read the optimizer step ``count // accumulation_steps``.
     hvp_method: ``"exact"`` (forward-over-reverse, default) or ``"forward_difference"`` (one
       gradient per HVP, base gradient shared; relative error :math:`O(\sqrt{u})`, see
       :func:`xsam_jax.hessian.hvp`). With ``"forward_difference"`` and no ``eig_grad_fn``,
@@ -184,7 +185,7 @@ def eigen_sam(
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM; 0.2 is the papers' default.")
   check_positive_int("refresh_every", refresh_every)
   check_positive_int("power_iters", power_iters)
-  check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
+  check_accumulation_steps(accumulation_steps)
   check_tracker(tracker)
   hessian.check_hvp_method(hvp_method)
 

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_jax._accumulate import check_accumulation_steps, record_arguments
 from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
-  check_positive_int,
   check_range,
   check_update_args,
   keep_dtypes,
@@ -87,6 +87,7 @@ def sam_perturbation(
   return optax.tree.scale(rho / (optax.tree.norm(tg) + eps), t2g), grad_norm
 
 
+@record_arguments
 def sam(
   rho: ScalarOrSchedule = 0.05,
   *,
@@ -124,11 +125,13 @@ def sam(
   means over devices. With ``shard_map``'s default ``check_vma=True`` take the clean gradient at
   device-varying parameters (``jax.lax.pcast(params, axis, to="varying")``); a gradient already
   reduced over the axis is refused with a ``ValueError`` (see the README, "Data parallelism").
+  Do not ``pmean`` the loss: under ``check_vma=True`` that silently divides every gradient by the
+  number of devices (its type is that of the device's own gradient, so it cannot be detected).
 
-  Gradient accumulation: ``optax.chain(sam(..., accumulation_steps=k),
-  optax.MultiSteps(base, every_k_schedule=k).gradient_transformation())``; each micro-batch
-  makes its own ascent and the base optimizer receives the mean of the k SAM gradients. Do not
-  put the method *inside* ``MultiSteps``: that calls it on the running mean of clean gradients
+  Gradient accumulation: ``xsam_jax.accumulate(sam(...), base, k)`` (see
+  :func:`~xsam_jax.accumulate`); each micro-batch makes its own ascent and the base optimizer
+  receives the mean of the k SAM gradients. ``optax.MultiSteps(optax.chain(sam(...), base), k)``
+  is wrong and cannot be detected: it calls the method on the running mean of clean gradients
   and keeps only the last micro-batch's perturbed gradient.
 
   Args:
@@ -141,16 +144,17 @@ def sam(
       :math:`T` only to weights, not biases). Default: every leaf.
     eps: added to every norm before division.
     axis_name: the mapped axis name inside ``shard_map``/``pmap``, or None under plain ``jit``.
-    accumulation_steps: micro-batches per optimizer step when followed by
-      ``optax.MultiSteps(base, every_k_schedule=accumulation_steps)``; a ``rho`` schedule then
-      reads the optimizer step ``count // accumulation_steps``. Python int >= 1.
+    accumulation_steps: set by :func:`~xsam_jax.accumulate` only (a value > 1 given by hand
+      raises ``ValueError``): micro-batches per optimizer step; a ``rho`` schedule then reads
+      the optimizer step ``count // accumulation_steps``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``;
     ``update(updates, state, params, *, grad_fn, **extra)``.
 
   Raises:
-    ValueError: for ``rho < 0``, ``eta < 0``, ``accumulation_steps < 1``, when ``params`` or
+    ValueError: for ``rho < 0``, ``eta < 0``, ``accumulation_steps < 1`` (or > 1 outside
+      :func:`~xsam_jax.accumulate`), when ``params`` or
       ``grad_fn`` is missing, and for data-parallel misuse: ``axis_name`` not a mapped axis,
       a clean gradient already reduced over it, a ``grad_fn`` that reduces, or a gradient that
       varies over a mapped axis while ``axis_name`` is None.
@@ -173,7 +177,7 @@ def sam(
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("eta", eta, 0.0)
-  check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
+  check_accumulation_steps(accumulation_steps)
   method = "xsam_jax.asam" if adaptive else "xsam_jax.sam"
 
   def init_fn(params: PyTree) -> SAMState:
