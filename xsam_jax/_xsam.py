@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import optax
 
 from xsam_jax import hessian
-from xsam_jax._eigvec import check_tracker, init_eigvec, maybe_refresh
+from xsam_jax._eigvec import check_base_grad_flag, check_tracker, init_eigvec, maybe_refresh
 from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
+  check_nonempty,
   check_positive_int,
   check_range,
   check_update_args,
@@ -60,7 +61,22 @@ class XSAMState(NamedTuple):
       0 when ``rho = 0``). With ``axis_name``: the mean over devices of each device's value.
       Compare with ``eigval``: :math:`\hat g^\top H \hat g \le \lambda_{\max}`.
 
-  Every scalar is float32, or float64 for float64 params; dtypes never change across steps.
+    skipped_refreshes: number of refreshes (int32) whose new eigenvector or eigenvalue had a
+      NaN or an infinity (a non-finite batch, loss or gradient) and was discarded: ``eigvec``
+      and ``eigval`` keep their previous values, so ``optax.apply_if_finite`` (or
+      ``optax.MultiSteps(..., should_skip_update_fn=optax.skip_not_finite)``) placed after this
+      transform skips that step and training recovers. A growing count means the data or the
+      loss produce non-finite values.
+    base_grad_mismatch: with ``check_base_grad=True`` (forward-difference HVPs whose base is
+      ``updates``), :math:`\|g_{\text{updates}} - \nabla L(w)\|/\|\nabla L(w)\|` measured at
+      the last refresh with one extra ``grad_fn`` call; 0 otherwise. It should be at rounding
+      level (:math:`\lesssim 10^{-6}` in float32); a larger value means ``updates`` is not
+      ``grad_fn(params)`` (clipped, accumulated, reduced over devices...) and every
+      finite-difference HVP is off by the mismatch divided by :math:`h`: pass
+      ``eig_grad_fn=grad_fn`` or use ``hvp_method="exact"``.
+
+  Every float scalar is float32, or float64 for float64 params; dtypes never change across
+  steps.
   """
 
   count: chex.Array
@@ -70,6 +86,8 @@ class XSAMState(NamedTuple):
   grad_norm: chex.Array
   adv_grad_norm: chex.Array
   ascent_curvature: chex.Array
+  skipped_refreshes: chex.Array
+  base_grad_mismatch: chex.Array
 
 
 def xsam_correction(
@@ -111,6 +129,7 @@ def xsam(
   tracker: str = "power",
   accumulation_steps: int = 1,
   hvp_method: str = "exact",
+  check_base_grad: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""X-SAM: SAM with the perturbed gradient corrected along the top Hessian eigenvector.
 
@@ -226,6 +245,7 @@ def xsam(
   check_positive_int("accumulation_steps", accumulation_steps, traced_ok=True)
   check_tracker(tracker)
   hessian.check_hvp_method(hvp_method)
+  check_base_grad_flag(check_base_grad, hvp_method)
   if correction not in CORRECTIONS:
     raise ValueError(
       f"`correction` must be one of {CORRECTIONS}, got {correction!r}. 'projection' is the "
@@ -241,12 +261,14 @@ def xsam(
     zero = jnp.zeros((), scalar_dtype(params))
     state = XSAMState(
       count=jnp.zeros((), jnp.int32),
-      eigvec=init_eigvec(params, seed),
+      eigvec=init_eigvec(params, seed, "xsam_jax.xsam"),
       eigval=zero,
       cos=zero,
       grad_norm=zero,
       adv_grad_norm=zero,
       ascent_curvature=zero,
+      skipped_refreshes=jnp.zeros((), jnp.int32),
+      base_grad_mismatch=zero,
     )
     return place_state(state, params, state.eigvec)
 
@@ -255,13 +277,12 @@ def xsam(
   ):
     del extra_args
     check_update_args("xsam_jax.xsam", params, grad_fn)
+    check_nonempty("params", params, "xsam_jax.xsam")
     check_clean_gradient(updates, "xsam_jax.xsam", axis_name)
     dtype = scalar_dtype(params)
     step = state.count // accumulation_steps
-    eigval, eigvec = maybe_refresh(
-      state.eigval,
-      state.eigvec,
-      state.count,
+    refreshed = maybe_refresh(
+      state,
       params=params,
       grad_fn=eig_grad_fn if eig_grad_fn is not None else grad_fn,
       refresh_every=refresh_every,
@@ -274,7 +295,9 @@ def xsam(
       hvp_method=hvp_method,
       # The HVP loss is the training loss: its gradient at w is the clean gradient, free.
       base_grad=updates if eig_grad_fn is None else None,
+      check_base_grad=check_base_grad,
     )
+    eigval, eigvec = refreshed.eigval, refreshed.eigvec
     perturbation, grad_norm = sam_perturbation(
       updates,
       params,
@@ -304,6 +327,8 @@ def xsam(
       grad_norm=grad_norm,
       adv_grad_norm=adv_norm,
       ascent_curvature=curvature,
+      skipped_refreshes=refreshed.skipped_refreshes,
+      base_grad_mismatch=refreshed.base_grad_mismatch,
     )
     return tree_cast_like(corrected, params), keep_dtypes(new_state, state)
 
