@@ -217,7 +217,8 @@ def xsam(
 
   Raises:
     ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every``,
-      ``power_iters`` or ``accumulation_steps`` < 1, an unknown ``correction``,
+      ``power_iters`` or ``accumulation_steps`` < 1, ``params`` with no entries (``{}``),
+      an unknown ``correction``,
       ``tracker`` or ``hvp_method``, when
       ``params`` or ``grad_fn`` is missing, and for data-parallel misuse (see
       :func:`~xsam_jax.sam`).

@@ -14,6 +14,8 @@ product; :func:`make_hvp_fn` shares the base gradient between products).
 
 Structural arguments (``num_iters``, ``k``, ``num_samples``, ``method``, ``unroll``, ...) are
 Python values that fix the compiled program; mark them static under ``jax.jit``.
+A vector, ``like`` or ``params`` pytree with no entries (``{}``, or only zero-size leaves)
+raises a ``ValueError`` naming that argument; zero-size leaves next to non-empty ones are fine.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -42,6 +44,7 @@ from xsam_jax._parallel import check_unreduced, device_mean, to_varying
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ascent_point,
+  check_nonempty,
   normalize,
   scalar_dtype,
   tree_cast_like,
@@ -389,6 +392,7 @@ def power_iteration(
   References:
     Golub & Van Loan, "Matrix Computations", 4th ed., 2013, section 8.2 (power method).
   """
+  check_nonempty("v0", v0, "xsam_jax.hessian.power_iteration")
   _check_int("num_iters", num_iters)
   v, _ = normalize(v0, eps)
   rayleigh = jnp.zeros((), scalar_dtype(v))
@@ -649,6 +653,7 @@ def lanczos(
     >>> basis["w"].shape
     (3, 3)
   """
+  check_nonempty("v0", v0, "xsam_jax.hessian.lanczos")
   dim = _dimension(v0)
   _check_int("num_iters", num_iters, 1, dim)
   q0, _ = normalize(v0, eps)
@@ -792,6 +797,7 @@ def top_k_eigenpairs(
     >>> [round(float(x), 3) for x in vals], vecs["w"].shape
     ([4.0, 3.0], (2, 4))
   """
+  check_nonempty("v0", v0, "xsam_jax.hessian.top_k_eigenpairs")
   dim = _dimension(v0)
   _check_int("k", k, 1, dim)
   _check_method(method)
@@ -855,6 +861,7 @@ def top_eigenvalue(
     >>> round(float(lam), 3)
     5.0
   """
+  check_nonempty("params", params, "xsam_jax.hessian.top_eigenvalue")
   _check_method(method)
   _check_int("num_iters", num_iters)
   hvp_fn = make_hvp_fn(grad_fn, params, hvp_method=hvp_method, axis_name=axis_name, eps=eps)
@@ -913,6 +920,7 @@ def hutchinson_trace(
     >>> round(float(est), 3), round(float(err), 3)
     (6.0, 0.0)
   """
+  check_nonempty("like", like, "xsam_jax.hessian.hutchinson_trace")
   _check_int("num_samples", num_samples)
 
   def sample(k: Array) -> Array:
@@ -985,6 +993,7 @@ def slq_nodes_and_weights(
     >>> nodes.shape, [round(float(s), 3) for s in weights.sum(axis=1)]
     ((2, 3), [1.0, 1.0])
   """
+  check_nonempty("like", like, "xsam_jax.hessian.slq_nodes_and_weights")
   _check_int("num_iters", num_iters)
   _check_int("num_samples", num_samples)
   num_iters = min(num_iters, _dimension(like))
@@ -1060,6 +1069,7 @@ def spectral_density(
     >>> round(float(jnp.trapezoid(density, grid)), 3)
     1.0
   """
+  check_nonempty("like", like, "xsam_jax.hessian.spectral_density")
   _check_int("num_points", num_points, 2)
   if sigma is not None:
     _check_positive("sigma", sigma)
