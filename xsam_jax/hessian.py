@@ -235,13 +235,31 @@ def hvp(
   :math:`u\|g\|` times a modest factor for a well-conditioned loss) and the
   :math:`\|H\|` term is the rounding of :math:`w + hv` to the parameter dtype. Both terms are
   :math:`O(\sqrt{u})` (:math:`\sqrt{u} = 1.5\cdot10^{-8}` in float64,
-  :math:`3.5\cdot10^{-4}` in float32); measured relative errors on a tiny MLP and a
-  Conv+BatchNorm CNN: :math:`3`-:math:`5\cdot10^{-8}` in float64 and
-  :math:`0.7`-:math:`1.2\cdot10^{-3}` in float32, within the bound
-  (``tests/test_finite_difference_hvps_match_exact_ones.py``). With bfloat16 or float16
-  *parameters* it is :math:`O(0.1)`: use ``"exact"`` there (or float32 master weights). A
-  ``base_grad`` that is not ``grad_fn(params)`` (e.g. clipped, or from another batch) biases
-  every product by the difference over :math:`h`.
+  :math:`3.5\cdot10^{-4}` in float32); measured relative errors on a tiny tanh MLP and a
+  Conv+BatchNorm CNN, along the top eigenvector / a random direction: float64
+  :math:`2.9\cdot10^{-8}` / :math:`3.8\cdot10^{-8}` (MLP), :math:`5.3\cdot10^{-8}` /
+  :math:`3.4\cdot10^{-8}` (CNN); float32 :math:`6.7\cdot10^{-4}` / :math:`6.6\cdot10^{-4}`
+  (MLP), :math:`1.2\cdot10^{-3}` / :math:`5.7\cdot10^{-4}` (CNN), within the bound
+  (``tests/test_finite_difference_hvps_match_exact_ones.py``, run with ``-s`` to print them;
+  issue 18 measured :math:`3.9\cdot10^{-3}` in float32 on another net: the constants grow
+  with :math:`\|g\|/\|H\hat v\|` and :math:`\|w\|`).
+
+  **Half precision anywhere breaks it.** Along the top eigenvector, float16 parameters gave
+  0.06 (MLP) / 0.10 (CNN), bfloat16 parameters 0.18 / 0.27 (issue 18: 0.29 and 0.54 on another
+  net). Float32 master weights do **not** help when the loss computes in bfloat16: :math:`h`
+  is taken from the *parameters'* dtype (:math:`\sqrt{2^{-23}}`), far below the gradients'
+  bfloat16 rounding, and the error was 0.66 / 0.96 (an :math:`h` chosen for bfloat16 would
+  only bring it back to the bfloat16 figures), while exact HVPs in the same bfloat16 compute
+  stayed at 0.002 / 0.025 (``test_half_precision_compute_makes_forward_differences_useless``).
+  Use ``"exact"`` whenever the parameters or the loss computation are float16 or bfloat16.
+
+  A ``base_grad`` that is not ``grad_fn(params)`` (clipped, accumulated over other
+  micro-batches, summed rather than averaged over devices, from another batch) biases every
+  product by :math:`(\nabla L(w) - b)/h`, i.e. the relative mismatch times
+  :math:`\|g\|/(h\,\|H\hat v\|)`, about :math:`3000\,\|g\|/((1+\|w\|)\,\|H\hat v\|)`
+  in float32: a mismatch of :math:`10^{-3}` is already an :math:`O(1)` error.
+  :func:`xsam_jax.xsam` and :func:`xsam_jax.eigen_sam` measure it with
+  ``check_base_grad=True`` (state field ``base_grad_mismatch``).
 
   The bound assumes a smooth loss (:math:`\nabla^3 L` finite along :math:`v`). **ReLU and
   max-pool networks break it**: moving the weights by :math:`hv` flips activation and pooling
