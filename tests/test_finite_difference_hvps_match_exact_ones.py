@@ -388,5 +388,5 @@ def test_check_base_grad_measures_a_mismatched_base_gradient_without_changing_th
     ref, _ = run(plain, scale)  # the check changes nothing else
     assert float(ref.base_grad_mismatch) == 0.0
     chex.assert_trees_all_equal(bad._replace(base_grad_mismatch=0.0), ref)
-  with pytest.raises(ValueError, match="check_base_grad.*forward_difference"):
+  with pytest.raises(ValueError, match=r"check_base_grad.*forward_difference"):
     make(check_base_grad=True)
