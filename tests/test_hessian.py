@@ -578,3 +578,50 @@ def test_other_routines_reject_invalid_arguments():
     hessian.spectral_density(mlp.hvp_fn, mlp.params, key, sigma=0.0)
   with pytest.raises(ValueError, match="`num_points`"):
     hessian.spectral_density(mlp.hvp_fn, mlp.params, key, num_points=1)
+
+
+@pytest.mark.parametrize("empty", [{}, {"w": jnp.zeros((0,))}, [jnp.zeros((2, 0))]])
+def test_every_routine_rejects_a_tree_with_no_entries_by_the_argument_name(empty):
+  key, hvp_fn, grad_fn = jax.random.key(0), lambda v: v, lambda p: p
+  calls = {
+    "v0": [
+      lambda: hessian.power_iteration(hvp_fn, empty, 3),
+      lambda: hessian.lanczos(hvp_fn, empty, 1),
+      lambda: hessian.top_k_eigenpairs(hvp_fn, empty, 1),
+    ],
+    "params": [lambda: hessian.top_eigenvalue(grad_fn, empty, key)],
+    "like": [
+      lambda: hessian.hutchinson_trace(hvp_fn, empty, key),
+      lambda: hessian.slq_nodes_and_weights(hvp_fn, empty, key),
+      lambda: hessian.spectral_density(hvp_fn, empty, key),
+    ],
+  }
+  for name, fns in calls.items():
+    for call in fns:
+      with pytest.raises(ValueError, match=rf"`{name}` holds no entries.*at least one non-empty"):
+        call()
+
+
+def test_a_zero_size_leaf_next_to_non_empty_ones_changes_no_estimate():
+  diag = jnp.array([4.0, 2.0, 1.0])
+  loss = lambda p: 0.5 * jnp.sum(diag * p["w"] ** 2) + jnp.sum(p["empty"] ** 2)
+  with_empty = {"w": jnp.ones(3), "empty": jnp.zeros((0, 2))}
+  grad_fn, key = jax.grad(loss), jax.random.key(0)
+
+  def estimates(params):
+    hvp_fn = lambda v: hessian.hvp(grad_fn, params, v)
+    fd_fn = hessian.make_hvp_fn(grad_fn, params, hvp_method="forward_difference")
+    return (
+      hessian.power_iteration(hvp_fn, params, 30)[0],
+      hessian.power_iteration(fd_fn, params, 30)[0],
+      hessian.top_k_eigenpairs(hvp_fn, params, 2)[0],
+      hessian.top_eigenvalue(grad_fn, params, key),
+      hessian.hutchinson_trace(hvp_fn, params, key, 4)[0],
+    )
+
+  got = estimates(with_empty)
+  np.testing.assert_allclose(got[0], 4.0, rtol=1e-5)
+  np.testing.assert_allclose(got[1], 4.0, rtol=1e-3)
+  np.testing.assert_allclose(got[2], [4.0, 2.0], rtol=1e-5)
+  np.testing.assert_allclose(got[3], 4.0, rtol=1e-5)
+  np.testing.assert_allclose(got[4], 7.0, rtol=1e-5)  # diagonal: exact

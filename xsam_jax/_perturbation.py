@@ -55,19 +55,41 @@ def normalize(tree: PyTree, eps: float = DEFAULT_EPS) -> tuple[PyTree, Array]:
 
 
 def unit_or_keep(new: PyTree, old: PyTree, eps: float = DEFAULT_EPS) -> PyTree:
-  """``new / ||new||`` (exactly unit length), or ``old`` unchanged when ``||new|| <= eps``.
+  """``new / ||new||`` (exactly unit length), or ``old`` unchanged unless ``eps < ||new|| < inf``.
 
   Used for the refreshed eigenvector: dividing by ``||new|| + eps`` would leave it slightly
   shorter than 1 whenever ``||Hv||`` is small, and every later projection would be too weak.
-  The result has the dtypes of ``old``.
+  A ``new`` with a NaN or infinite entry (a non-finite norm) also keeps ``old``, so one
+  non-finite Hessian-vector product never turns the cached vector into NaN. The result has the
+  dtypes of ``old``.
   """
   new = tree_to_f32(new)
   norm = optax.tree.norm(new)
-  keep = norm <= eps
+  keep = ~(jnp.isfinite(norm) & (norm > eps))
   safe = jnp.where(keep, jnp.ones_like(norm), norm)
   return jax.tree.map(
     lambda n, o: jnp.where(keep, o, (n / safe).astype(o.dtype)).astype(o.dtype), new, old
   )
+
+
+def tree_all_finite(tree: PyTree) -> Array:
+  """A bool scalar: every entry of every leaf is finite (True for an empty tree)."""
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)], bool))
+
+
+def check_nonempty(name: str, tree: PyTree, where: str) -> None:
+  """Raises ``ValueError`` naming ``name`` when ``tree`` holds no entries at all.
+
+  An empty pytree (``{}``, ``[]``, ``None``) or one whose leaves all have size 0 has no
+  Hessian, no eigenvector and no norm to divide by. A zero-size leaf next to non-empty ones is
+  fine (it contributes nothing).
+  """
+  if sum(int(jnp.size(x)) for x in jax.tree.leaves(tree)) == 0:
+    raise ValueError(
+      f"{where}: `{name}` holds no entries (an empty pytree, or only zero-size leaves: "
+      f"{jax.tree.map(jnp.shape, tree)!r}). Pass the parameters to optimise or analyse: a "
+      "pytree with at least one non-empty array (e.g. model.init(...)['params'])."
+    )
 
 
 def scalar_dtype(tree: PyTree) -> jnp.dtype:

@@ -14,6 +14,8 @@ product; :func:`make_hvp_fn` shares the base gradient between products).
 
 Structural arguments (``num_iters``, ``k``, ``num_samples``, ``method``, ``unroll``, ...) are
 Python values that fix the compiled program; mark them static under ``jax.jit``.
+A vector, ``like`` or ``params`` pytree with no entries (``{}``, or only zero-size leaves)
+raises a ``ValueError`` naming that argument; zero-size leaves next to non-empty ones are fine.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -42,6 +44,7 @@ from xsam_jax._parallel import check_unreduced, device_mean, to_varying
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ascent_point,
+  check_nonempty,
   normalize,
   scalar_dtype,
   tree_cast_like,
@@ -232,13 +235,31 @@ def hvp(
   :math:`u\|g\|` times a modest factor for a well-conditioned loss) and the
   :math:`\|H\|` term is the rounding of :math:`w + hv` to the parameter dtype. Both terms are
   :math:`O(\sqrt{u})` (:math:`\sqrt{u} = 1.5\cdot10^{-8}` in float64,
-  :math:`3.5\cdot10^{-4}` in float32); measured relative errors on a tiny MLP and a
-  Conv+BatchNorm CNN: :math:`3`-:math:`5\cdot10^{-8}` in float64 and
-  :math:`0.7`-:math:`1.2\cdot10^{-3}` in float32, within the bound
-  (``tests/test_finite_difference_hvps_match_exact_ones.py``). With bfloat16 or float16
-  *parameters* it is :math:`O(0.1)`: use ``"exact"`` there (or float32 master weights). A
-  ``base_grad`` that is not ``grad_fn(params)`` (e.g. clipped, or from another batch) biases
-  every product by the difference over :math:`h`.
+  :math:`3.5\cdot10^{-4}` in float32); measured relative errors on a tiny tanh MLP and a
+  Conv+BatchNorm CNN, along the top eigenvector / a random direction: float64
+  :math:`2.9\cdot10^{-8}` / :math:`3.8\cdot10^{-8}` (MLP), :math:`5.3\cdot10^{-8}` /
+  :math:`3.4\cdot10^{-8}` (CNN); float32 :math:`6.7\cdot10^{-4}` / :math:`6.6\cdot10^{-4}`
+  (MLP), :math:`1.2\cdot10^{-3}` / :math:`5.7\cdot10^{-4}` (CNN), within the bound
+  (``tests/test_finite_difference_hvps_match_exact_ones.py``, run with ``-s`` to print them;
+  issue 18 measured :math:`3.9\cdot10^{-3}` in float32 on another net: the constants grow
+  with :math:`\|g\|/\|H\hat v\|` and :math:`\|w\|`).
+
+  **Half precision anywhere breaks it.** Along the top eigenvector, float16 parameters gave
+  0.06 (MLP) / 0.10 (CNN), bfloat16 parameters 0.18 / 0.27 (issue 18: 0.29 and 0.54 on another
+  net). Float32 master weights do **not** help when the loss computes in bfloat16: :math:`h`
+  is taken from the *parameters'* dtype (:math:`\sqrt{2^{-23}}`), far below the gradients'
+  bfloat16 rounding, and the error was 0.66 / 0.96 (an :math:`h` chosen for bfloat16 would
+  only bring it back to the bfloat16 figures), while exact HVPs in the same bfloat16 compute
+  stayed at 0.002 / 0.025 (``test_half_precision_compute_makes_forward_differences_useless``).
+  Use ``"exact"`` whenever the parameters or the loss computation are float16 or bfloat16.
+
+  A ``base_grad`` that is not ``grad_fn(params)`` (clipped, accumulated over other
+  micro-batches, summed rather than averaged over devices, from another batch) biases every
+  product by :math:`(\nabla L(w) - b)/h`, i.e. the relative mismatch times
+  :math:`\|g\|/(h\,\|H\hat v\|)`, about :math:`3000\,\|g\|/((1+\|w\|)\,\|H\hat v\|)`
+  in float32: a mismatch of :math:`10^{-3}` is already an :math:`O(1)` error.
+  :func:`xsam_jax.xsam` and :func:`xsam_jax.eigen_sam` measure it with
+  ``check_base_grad=True`` (state field ``base_grad_mismatch``).
 
   The bound assumes a smooth loss (:math:`\nabla^3 L` finite along :math:`v`). **ReLU and
   max-pool networks break it**: moving the weights by :math:`hv` flips activation and pooling
@@ -389,6 +410,7 @@ def power_iteration(
   References:
     Golub & Van Loan, "Matrix Computations", 4th ed., 2013, section 8.2 (power method).
   """
+  check_nonempty("v0", v0, "xsam_jax.hessian.power_iteration")
   _check_int("num_iters", num_iters)
   v, _ = normalize(v0, eps)
   rayleigh = jnp.zeros((), scalar_dtype(v))
@@ -649,6 +671,7 @@ def lanczos(
     >>> basis["w"].shape
     (3, 3)
   """
+  check_nonempty("v0", v0, "xsam_jax.hessian.lanczos")
   dim = _dimension(v0)
   _check_int("num_iters", num_iters, 1, dim)
   q0, _ = normalize(v0, eps)
@@ -792,6 +815,7 @@ def top_k_eigenpairs(
     >>> [round(float(x), 3) for x in vals], vecs["w"].shape
     ([4.0, 3.0], (2, 4))
   """
+  check_nonempty("v0", v0, "xsam_jax.hessian.top_k_eigenpairs")
   dim = _dimension(v0)
   _check_int("k", k, 1, dim)
   _check_method(method)
@@ -855,6 +879,7 @@ def top_eigenvalue(
     >>> round(float(lam), 3)
     5.0
   """
+  check_nonempty("params", params, "xsam_jax.hessian.top_eigenvalue")
   _check_method(method)
   _check_int("num_iters", num_iters)
   hvp_fn = make_hvp_fn(grad_fn, params, hvp_method=hvp_method, axis_name=axis_name, eps=eps)
@@ -913,6 +938,7 @@ def hutchinson_trace(
     >>> round(float(est), 3), round(float(err), 3)
     (6.0, 0.0)
   """
+  check_nonempty("like", like, "xsam_jax.hessian.hutchinson_trace")
   _check_int("num_samples", num_samples)
 
   def sample(k: Array) -> Array:
@@ -985,6 +1011,7 @@ def slq_nodes_and_weights(
     >>> nodes.shape, [round(float(s), 3) for s in weights.sum(axis=1)]
     ((2, 3), [1.0, 1.0])
   """
+  check_nonempty("like", like, "xsam_jax.hessian.slq_nodes_and_weights")
   _check_int("num_iters", num_iters)
   _check_int("num_samples", num_samples)
   num_iters = min(num_iters, _dimension(like))
@@ -1060,6 +1087,7 @@ def spectral_density(
     >>> round(float(jnp.trapezoid(density, grid)), 3)
     1.0
   """
+  check_nonempty("like", like, "xsam_jax.hessian.spectral_density")
   _check_int("num_points", num_points, 2)
   if sigma is not None:
     _check_positive("sigma", sigma)
