@@ -6,7 +6,12 @@ lambda_max estimate, JSONL/TensorBoard metrics and orbax checkpoints with exact 
 
 Outputs in ``--workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one record
 per logged step and per epoch), ``tb/`` (TensorBoard), ``checkpoints/`` and, at the end,
-``summary.json`` (test accuracy, final lambda_max, wall time).
+``summary.json`` (test accuracy, or validation accuracy with ``validation_fraction > 0``,
+final lambda_max, wall time).
+
+Exit status: 0 finished (or stopped by ``--max_epochs_this_run``), 2 bad input (nothing
+written), 75 (:data:`EXIT_PREEMPTED`) stopped by ``SIGTERM`` after saving ``preempted/``: rerun
+the same command to resume, bit for bit.
 
 Scaling out (see README "Scaling out"): the same command runs in every process of a
 multi-process job on JAX's distributed runtime (``--coordinator``, ``--num_processes`` and
