@@ -335,7 +335,8 @@ def _not_prepared_message(name: str, tfds_name: str, data_dir: str | None, exc: 
     f'  python -c "import tensorflow_datasets as tfds; tfds.data_source({tfds_name!r}, '
     f"data_dir={target!r}, builder_kwargs={{'file_format': 'array_record'}})\"\n"
     f"then copy the directory {target}/{tfds_name} to the same place on this machine and pass "
-    f"--data_dir {target} (or data_dir= to load_dataset, or set TFDS_DATA_DIR). "
+    f"--set data_dir={target} to python -m experiments.train (data_dir= to load_dataset, or "
+    "set TFDS_DATA_DIR). "
     "Without tfds data, use the offline dataset 'digits'. "
     f"(tfds said: {type(exc).__name__}: {exc})"
   )

@@ -111,7 +111,31 @@ def initialize(
     process_id=process_id,
     initialization_timeout=remaining,
   )
+  check_process_count(num_processes)
   return num_processes > 1
+
+
+def check_process_count(num_processes: int) -> None:
+  """Raises the same ValueError in every process unless each one's ``--num_processes`` is
+  :func:`jax.process_count`.
+
+  The coordinator fixes the count (process 0's flag); a process started with another count
+  joins all the same, and would train as if all agreed.
+
+  Args:
+    num_processes: this process's ``--num_processes``.
+
+  Raises:
+    ValueError: naming every process's flag and the count to use.
+  """
+  counts = [int(p) for p in _allgather_bytes(str(num_processes).encode())]
+  if any(c != jax.process_count() for c in counts):
+    flags = ", ".join(f"process {i}: {c}" for i, c in enumerate(counts))
+    raise ValueError(
+      f"--num_processes differs between the processes ({flags}), but {jax.process_count()} "
+      f"joined the run. Nothing was written. Start every process with --num_processes "
+      f"{jax.process_count()} (or start that many processes)."
+    )
 
 
 def _wait_for_port(host: str, port: int, timeout_s: float, coordinator: str) -> None:
@@ -200,3 +224,60 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+class PreemptionWatch:
+  """Whether the run was asked to stop (``SIGTERM``: a ``kill``, a SLURM or TPU preemption).
+
+  In a multi-process run JAX's preemption service catches the signal in whichever process gets
+  it and agrees on a step at which every process stops (``reached_preemption_sync_point``):
+  :meth:`reached` is True at that step in every process and False before. In a single
+  process (no distributed runtime) a ``SIGTERM`` handler, installed while the watch is entered
+  in the main thread, makes :meth:`reached` True at the next step. Call :meth:`reached` after
+  every training step, with the number of steps done (increasing, the same in every process).
+
+  Example:
+    >>> with PreemptionWatch() as watch:
+    ...   stop = watch.reached(1)
+    >>> stop
+    False
+  """
+
+  def __init__(self):
+    self.signalled = False
+    self._previous = None
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self.signalled = True
+
+  def __enter__(self) -> PreemptionWatch:
+    import signal
+    import threading
+
+    if not _has_preemption_service() and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    import signal
+
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint and stop after ``step`` steps (the same in every process)."""
+    if _has_preemption_service():
+      from jax.experimental import multihost_utils
+
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.signalled
+
+
+def _has_preemption_service() -> bool:
+  """Whether JAX's distributed runtime (and its ``SIGTERM`` notifier) runs in this process."""
+  from jax._src import distributed as jax_distributed
+
+  state = jax_distributed.global_state
+  return state.client is not None and state.preemption_sync_manager is not None

@@ -49,17 +49,22 @@ def parse_mesh(text: str | None, device_count: int | None = None) -> tuple[int, 
   A missing ``data`` is ``device_count // M``; a missing ``model`` is 1.
 
   Raises:
-    ValueError: for unknown axes, non-positive sizes, or ``N * M != device_count``.
+    ValueError: for unknown or repeated axes, sizes that are not positive ASCII integers, or
+      ``N * M != device_count``.
   """
   sizes: dict[str, int] = {}
   for item in (text or "").replace(" ", "").split(","):
     if not item:
       continue
     name, sep, value = item.partition("=")
-    if not sep or name not in AXES or not value.isdigit() or int(value) < 1:
+    # isdigit() alone accepts '²' and other non-ASCII digits, which int() then refuses.
+    positive = value.isascii() and value.isdigit() and int(value) >= 1
+    if not sep or name not in AXES or not positive:
       raise ValueError(
         f"mesh {text!r}: expected 'data=N,model=M' with positive integers (axes {list(AXES)})"
       )
+    if name in sizes:
+      raise ValueError(f"mesh {text!r} names the axis {name!r} twice; name each axis once")
     sizes[name] = int(value)
   model = sizes.get("model", 1)
   if device_count is None:

@@ -6,7 +6,12 @@ lambda_max estimate, JSONL/TensorBoard metrics and orbax checkpoints with exact 
 
 Outputs in ``--workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one record
 per logged step and per epoch), ``tb/`` (TensorBoard), ``checkpoints/`` and, at the end,
-``summary.json`` (test accuracy, final lambda_max, wall time).
+``summary.json`` (test accuracy, or validation accuracy with ``validation_fraction > 0``,
+final lambda_max, wall time).
+
+Exit status: 0 finished (or stopped by ``--max_epochs_this_run``), 2 bad input (nothing
+written), 75 (:data:`EXIT_PREEMPTED`) stopped by ``SIGTERM`` after saving ``preempted/``: rerun
+the same command to resume, bit for bit.
 
 Scaling out (see README "Scaling out"): the same command runs in every process of a
 multi-process job on JAX's distributed runtime (``--coordinator``, ``--num_processes`` and
@@ -23,7 +28,6 @@ any process count and mesh.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys
@@ -41,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from experiments import data as data_lib
 from experiments import distributed
 from experiments import sharding as sharding_lib
-from experiments.configs.base import RESUME_FREE, TrainConfig, load_config
+from experiments.configs.base import TrainConfig, config_differences, load_config
 from experiments.models import count_params, get_model, init_model
 from experiments.optimizers import OptimizerSpec, build_optimizer
 from xsam_jax import hessian, is_due, training
@@ -50,6 +54,11 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+PREEMPTED_DIR = "preempted"  # the checkpoint of a run stopped by SIGTERM within an epoch
+# The exit status of a run stopped by SIGTERM after saving its checkpoint (sysexits.h
+# EX_TEMPFAIL, "try again"): not 0, so a job script or retry loop can tell it from a finished
+# run, and not 1 or 2, so it is not taken for a crash or bad input.
+EXIT_PREEMPTED = 75
 # Settings that may differ between the processes of one run (host-local paths, display).
 PER_PROCESS = frozenset({"data_dir", "progress"})
 
@@ -185,8 +194,15 @@ def _eval_step_on(mesh: Mesh):
   return jax.jit(_eval_sums, out_shardings=sharding_lib.replicated(mesh))
 
 
-def evaluate(state, dataset: data_lib.Dataset, batch_size: int, mesh: Mesh) -> dict[str, float]:
-  """Test loss and accuracy; each process reads only its rows of every test batch."""
+def evaluate(
+  state, dataset: data_lib.Dataset, batch_size: int, mesh: Mesh, split: str = "test"
+) -> dict[str, float]:
+  """``{split}_loss`` and ``{split}_accuracy`` on ``dataset``'s held-out examples.
+
+  ``split`` names them: ``"test"``, or ``"validation"`` when the run holds out part of the
+  training set (``validation_fraction > 0``; the test set is then not loaded at all). Each
+  process reads only its rows of every batch.
+  """
   sharding = sharding_lib.batch_sharding(mesh)
   rows = data_lib.process_rows(sharding, batch_size)
   step = _eval_step_on(mesh)
@@ -196,8 +212,8 @@ def evaluate(state, dataset: data_lib.Dataset, batch_size: int, mesh: Mesh) -> d
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {
-    "test_loss": float(totals["loss"] / totals["n"]),
-    "test_accuracy": float(totals["correct"] / totals["n"]),
+    f"{split}_loss": float(totals["loss"] / totals["n"]),
+    f"{split}_accuracy": float(totals["correct"] / totals["n"]),
   }
 
 
@@ -276,12 +292,20 @@ class RunDir:
       self.open()
 
   def open(self) -> None:
-    """Writes ``config.json`` (process 0) and opens the checkpoint manager (every process)."""
+    """Writes ``config.json`` (process 0) and opens the checkpoint managers (every process).
+
+    Raises:
+      OSError: in every process, if process 0 cannot create the directory or write there.
+    """
+    error = None
     if self.primary:
-      self.path.mkdir(parents=True, exist_ok=True)
-      if not self._has_config:
-        (self.path / CONFIG_FILE).write_text(self.config.to_json())
-    distributed.barrier(f"xsam_jax run directory {self.path.absolute()}")
+      try:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self._has_config:
+          (self.path / CONFIG_FILE).write_text(self.config.to_json())
+      except OSError as exc:
+        error = OSError(f"--workdir {self.path}: cannot write the run there ({exc})")
+    distributed.agree(error)  # every process waits here, and stops if process 0 could not write
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
@@ -289,21 +313,23 @@ class RunDir:
       (self.path / CHECKPOINT_DIR).absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
     )
+    self.preempted = ocp.CheckpointManager(
+      (self.path / PREEMPTED_DIR).absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
+    )
 
   def _check_config(self) -> bool:
     """Raises unless ``workdir`` is new, empty or holds this config; True if it holds it."""
+    if self.path.exists() and not self.path.is_dir():
+      raise ValueError(
+        f"--workdir {self.path} is a file, not a directory. Nothing was changed there; choose "
+        "a new or empty directory."
+      )
     config_path = self.path / CONFIG_FILE
     if config_path.exists():
-      # A field added to TrainConfig after the run started reads as its default there.
-      saved = {**dataclasses.asdict(TrainConfig()), **json.loads(config_path.read_text())}
-      current = dataclasses.asdict(self.config)
-      differ = sorted(
-        k
-        for k in set(saved) | set(current)
-        if k not in RESUME_FREE and saved.get(k) != current.get(k)
-      )
+      differ = config_differences(self.config, json.loads(config_path.read_text()))
       if differ:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
         raise ValueError(
           f"--workdir {self.path} holds a run with another config ({details}). Nothing was "
           "changed there. Use a new --workdir, or the same config to resume that run."
@@ -344,6 +370,39 @@ class RunDir:
     self.manager.save(epoch, args=self._ocp.args.StandardSave(state), force=True)
     self.manager.wait_until_finished()
 
+  def save_preempted(self, state: training.TrainState, progress: dict[str, Any]) -> None:
+    """Saves the state within an epoch, with ``progress`` (``step``, ``epoch``, sums so far)."""
+    ocp = self._ocp
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+    )
+    self.preempted.save(progress["step"], args=args, force=True)
+    self.preempted.wait_until_finished()
+
+  def restore_preempted(
+    self, state: training.TrainState, after_step: int
+  ) -> tuple[training.TrainState, dict[str, Any]] | None:
+    """The state and progress saved at a preemption later than ``after_step``, or None."""
+    step = self.preempted.latest_step()
+    if step is None or step <= after_step:
+      return None
+    ocp = self._ocp
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()
+    )
+    try:
+      restored = self.preempted.restore(step, args=args)
+    except Exception as exc:
+      raise RuntimeError(
+        f"the checkpoint of step {step} in {self.path / PREEMPTED_DIR} could not be read "
+        f"({type(exc).__name__}: {exc}). It was left untouched: move it away to restart from "
+        "the last epoch's checkpoint, or use a new --workdir."
+      ) from exc
+    return restored["state"], restored["progress"]
+
   def log(self, record: dict[str, Any]) -> None:
     """Appends a record to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
     if not self.primary:
@@ -368,6 +427,7 @@ class RunDir:
   def close(self) -> None:
     if self.manager is not None:
       self.manager.close()
+      self.preempted.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -393,6 +453,32 @@ def _batch_split_error(config: TrainConfig, mesh: Mesh) -> str | None:
   )
 
 
+class Preempted(Exception):  # noqa: N818 (not an error: the run stopped as asked)
+  """A run stopped by ``SIGTERM`` after saving its state; the same command resumes it exactly.
+
+  Attributes:
+    step: training steps done (the checkpoint's step).
+    epoch: the epoch (0-based) the run stopped in.
+    workdir: the run directory.
+  """
+
+  def __init__(self, step: int, epoch: int, workdir: str | Path):
+    super().__init__(step, epoch, workdir)
+    self.step, self.epoch, self.workdir = step, epoch, workdir
+
+  def __str__(self) -> str:
+    return (
+      f"preempted at step {self.step} (in epoch {self.epoch + 1}), checkpoint saved in "
+      f"{Path(self.workdir) / PREEMPTED_DIR}; rerun the same command to resume"
+    )
+
+
+def eval_split(config: TrainConfig) -> str:
+  """The split a run evaluates on: ``"validation"`` with ``validation_fraction > 0``, else
+  ``"test"``; its metrics are ``{split}_accuracy`` and ``{split}_loss``."""
+  return "validation" if config.validation_fraction > 0 else "test"
+
+
 def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int | None = None):
   """Trains (or resumes) one run; returns ``(summary, state)``, the summary also in summary.json.
 
@@ -403,11 +489,25 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
   In a multi-process run every process calls this with the same config: they first check that
   they agree (same config, a batch that splits over every device, a usable ``workdir``) and all
   stop with the same error, before anything is written, if one of them cannot go on.
+
+  A ``SIGTERM`` (a ``kill``, a SLURM or TPU preemption) stops the run after the step at which
+  every process learnt of it: the state and the epoch's running sums are saved in
+  ``workdir/preempted`` and :class:`Preempted` is raised; the same call then resumes at that
+  step, and the run ends with the parameters and summary of an uninterrupted run.
+
+  Raises:
+    Preempted: after saving, when the run was asked to stop.
   """
+  with distributed.PreemptionWatch() as watch:  # SIGTERM: save and stop at the next step
+    return _train(config, workdir, max_epochs_this_run, watch)
+
+
+def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWatch):
   start_time = time.time()
   distributed.check_same_config(json.loads(config.to_json()), ignore=PER_PROCESS)
   error: Exception | None = None
   try:
+    run = RunDir(Path(workdir), config, config.tensorboard, open_now=False)
     dataset = data_lib.load_dataset(
       config.dataset,
       data_dir=config.data_dir,
@@ -425,8 +525,7 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
         f"`batch_size` {config.batch_size} exceeds the {dataset.num_train} training examples "
         f"of {config.dataset}; use a smaller batch_size."
       )
-    run = RunDir(Path(workdir), config, config.tensorboard, open_now=False)
-  except (ValueError, RuntimeError, FileNotFoundError) as exc:
+  except Exception as exc:  # any setup error in any process stops every process (none waits)
     error = exc
   distributed.agree(error)  # every process stops here if any of them cannot go on
   spec = build_optimizer(config, steps_per_epoch)
@@ -445,6 +544,7 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
   start_epoch = run.latest_epoch() or 0
   summary_path = Path(workdir) / SUMMARY_FILE
   static = spec.tracks_eigvec and use_static_refresh(config)
+  split = eval_split(config)
   if start_epoch >= config.epochs:
     state = run.restore(state, start_epoch)
     if summary_path.exists():
@@ -452,18 +552,28 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
     else:
       # Killed after the last checkpoint but before the summary: finish it from that
       # checkpoint (evaluation and lambda_max are deterministic) without training again.
-      record = {**run.last_epoch_record(), **evaluate(state, dataset, config.batch_size, mesh)}
+      record = {
+        **run.last_epoch_record(),
+        **evaluate(state, dataset, config.batch_size, mesh, split),
+      }
       lam = lambda_max(state, dataset, config)
       summary = _summary(config, spec, static, state, record, lam, start_time, 0.0, mesh)
       run.write_summary(summary)
     run.close()
     return summary, state
-  if start_epoch:
+  first_step, first_sums = 0, {}  # where in start_epoch to begin, and its sums so far
+  preempted = run.restore_preempted(state, start_epoch * steps_per_epoch)
+  if preempted is not None:  # stopped by SIGTERM within an epoch after the last checkpoint
+    state, saved = preempted
+    start_epoch, first_step = saved["epoch"], saved["step"] - saved["epoch"] * steps_per_epoch
+    first_sums = {k: jnp.asarray(v, saved["dtypes"][k]) for k, v in saved["sums"].items()}
+    run.log({"kind": "resume", "epoch": start_epoch, "step": saved["step"]})
+  elif start_epoch:
     state = run.restore(state, start_epoch)
     run.log({"kind": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})
   train_step = make_train_step(config, spec, state_sharding, batch_sharding)
   total_steps = config.epochs * steps_per_epoch
-  progress = _progress(config, total_steps, start_epoch * steps_per_epoch)
+  progress = _progress(config, total_steps, start_epoch * steps_per_epoch + first_step)
   stop_epoch = config.epochs
   if max_epochs_this_run is not None:
     stop_epoch = min(stop_epoch, start_epoch + max_epochs_this_run)
@@ -472,11 +582,18 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
   train_seconds = 0.0
   for epoch in range(start_epoch, stop_epoch):
     epoch_start = time.time()
-    sums: dict[str, jax.Array] = {}
+    first = first_step if epoch == start_epoch else 0
+    sums: dict[str, jax.Array] = first_sums if epoch == start_epoch else {}
     batches = data_lib.train_batches(
-      dataset, config.batch_size, config.seed, epoch, augment=config.augment, rows=rows
+      dataset,
+      config.batch_size,
+      config.seed,
+      epoch,
+      augment=config.augment,
+      start_step=first,
+      rows=rows,
     )
-    for i, local_batch in enumerate(batches):
+    for i, local_batch in enumerate(batches, start=first):
       step = epoch * steps_per_epoch + i
       refresh = is_due(step, spec.refresh_every) if static else None
       batch = data_lib.make_global_batch(local_batch, batch_sharding, config.batch_size)
@@ -489,6 +606,9 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
           progress.set_postfix({k: f"{v:.3g}" for k, v in step_record.items()}, refresh=False)
       if progress is not None:
         progress.update(1)
+      if watch.reached(step + 1):
+        _stop_preempted(run, state, sums, step + 1, epoch, progress)
+        raise Preempted(step + 1, epoch, workdir)
     epoch_means = {
       f"train_{k}": float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()
     }
@@ -503,7 +623,7 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
     }
     last = epoch + 1 == config.epochs
     if (epoch + 1) % config.eval_every == 0 or last:
-      record.update(evaluate(state, dataset, config.batch_size, mesh))
+      record.update(evaluate(state, dataset, config.batch_size, mesh, split))
     if last or (config.lambda_max_every and (epoch + 1) % config.lambda_max_every == 0):
       lam = lambda_max(state, dataset, config)
       record["lambda_max"] = lam
@@ -512,7 +632,7 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
       progress.set_postfix(
         {
           k: f"{record[k]:.3g}"
-          for k in ("train_loss", "test_accuracy", "lambda_max")
+          for k in ("train_loss", f"{split}_accuracy", "lambda_max")
           if k in record
         },
         refresh=True,
@@ -527,6 +647,24 @@ def train(config: TrainConfig, workdir: str | Path, *, max_epochs_this_run: int 
     run.write_summary(summary)
   run.close()
   return summary, state
+
+
+def _stop_preempted(run: RunDir, state, sums, step: int, epoch: int, progress) -> None:
+  """Saves the state and the epoch's running sums at ``step`` and closes the run's files."""
+  sums = jax.device_get(sums)
+  run.save_preempted(
+    state,
+    {
+      "step": step,
+      "epoch": epoch,
+      "sums": {k: float(v) for k, v in sums.items()},  # exact: float32/float64 -> double
+      "dtypes": {k: str(np.asarray(v).dtype) for k, v in sums.items()},
+    },
+  )
+  run.log({"kind": "preempted", "epoch": epoch, "step": step})
+  if progress is not None:
+    progress.close()
+  run.close()
 
 
 def _summary(
@@ -547,8 +685,12 @@ def _summary(
     "optimizer": config.optimizer,
     "label_noise": config.label_noise,
     "epochs": config.epochs,
-    "test_accuracy": record.get("test_accuracy"),
-    "test_loss": record.get("test_loss"),
+    # The held-out split's metrics under its own name (test_* or validation_*).
+    "eval_split": eval_split(config),
+    **{
+      f"{eval_split(config)}_{k}": record.get(f"{eval_split(config)}_{k}")
+      for k in ("accuracy", "loss")
+    },
     "final_lambda_max": lam,
     "final_train_loss": record.get("train_loss"),
     "num_params": count_params(state.params),
@@ -573,6 +715,15 @@ def _progress(config: TrainConfig, total: int, initial: int):
   if jax.process_count() > 1:
     desc = f"{desc} [{distributed.tag()}]"
   return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=True)
+
+
+def _mesh_flag(text: str) -> str:
+  """``--mesh``'s syntax, checked by argparse (an error names the flag)."""
+  try:
+    sharding_lib.parse_mesh(text)
+  except ValueError as exc:
+    raise argparse.ArgumentTypeError(str(exc)) from exc
+  return text
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -601,6 +752,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument(
     "--mesh",
+    type=_mesh_flag,
     default=None,
     metavar="data=N,model=M",
     help="device mesh over all processes (same as --set mesh=...): the batch is split over "
@@ -651,7 +803,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path("runs") / f"{stem}_{config.optimizer}"
   try:
     summary, _ = train(config, workdir, max_epochs_this_run=args.max_epochs_this_run)
-  except (ValueError, RuntimeError, FileNotFoundError) as exc:
+  except Preempted as exc:
+    print(f"[{distributed.tag()}] {exc}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+  except (ValueError, RuntimeError, OSError) as exc:
     print(f"error: {exc}", file=sys.stderr)
     return 2
   if summary is not None:

@@ -98,6 +98,7 @@ def launch(
   coordinator: str | None = None,
   init_timeout_s: int = 60,
   env: dict[str, str] | None = None,
+  terminate_when: tuple[Path, int] | None = None,
 ) -> Launch:
   """Runs ``runs`` (argv lists of ``python -m experiments.train``) in every process.
 
@@ -108,10 +109,13 @@ def launch(
     workdir: where the processes' logs and reports go.
     timeout_s: wall-clock limit for the whole launch.
     grace_s: after a process fails, how long the others may take to exit on their own.
-    per_process_args: extra argv for some process ids (appended to every run).
+    per_process_args: extra argv for some process ids (appended to every run after the
+      distributed flags, so a `--num_processes` there wins).
     coordinator: ``host:port`` to use instead of a fresh local one.
     init_timeout_s: ``--init_timeout`` of every process.
     env: extra environment variables of every process (e.g. ``JAX_ENABLE_X64``).
+    terminate_when: ``(path, i)``: send ``SIGTERM`` (a preemption) to process ``i`` alone, once,
+      as soon as the file ``path`` exists and is not empty (e.g. the first metrics line).
   """
   workdir.mkdir(parents=True, exist_ok=True)
   address = coordinator or f"127.0.0.1:{free_port()}"
@@ -128,10 +132,11 @@ def launch(
   start = time.monotonic()
   try:
     for i in range(num_processes):
-      extra = list((per_process_args or {}).get(i, []))
+      extra = []
       if num_processes > 1:
         extra += ["--coordinator", address, "--num_processes", str(num_processes)]
         extra += ["--process_id", str(i), "--init_timeout", str(init_timeout_s)]
+      extra += list((per_process_args or {}).get(i, []))  # last: they win over the above
       spec = {"runs": [[*argv, *extra] for argv in runs], "report": str(workdir / f"report{i}")}
       (workdir / f"spec{i}.json").write_text(json.dumps(spec))
       out = open(workdir / f"stdout{i}", "w")  # noqa: SIM115 (closed in finally)
@@ -158,6 +163,11 @@ def launch(
         failed_at = time.monotonic()
       if failed_at is not None and time.monotonic() - failed_at > grace_s:
         break
+      if terminate_when is not None:
+        path, index = terminate_when
+        if path.exists() and path.stat().st_size and procs[index].poll() is None:
+          procs[index].send_signal(signal.SIGTERM)
+          terminate_when = None
       time.sleep(0.1)
   finally:
     for p in procs:

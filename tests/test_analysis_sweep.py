@@ -149,3 +149,17 @@ def test_tiny_sweep_runs_reads_back_and_resumes(tmp_path):
     common.seconds_per_epoch(common.read_metrics(root / "sgd" / "seed0", "epoch"))
   )
   assert Path(root / "sgd" / "seed0" / "config.json").exists()
+
+
+def test_finished_run_saved_before_a_config_field_existed_is_loaded_not_refused(tmp_path):
+  # The same rule as a resumed run (RunDir): a field missing from config.json is its default.
+  config = common.make_config(CONFIG, "sgd", TINY)
+  saved = json.loads(config.to_json())
+  del saved["refresh_once_per_epoch"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "summary.json").write_text(json.dumps({"test_accuracy": 0.5}))
+  assert common.config_differences(config, saved) == []
+  assert common.run_or_load(config, tmp_path, log=None) == {"test_accuracy": 0.5}
+  assert common.held_out_accuracy({"test_accuracy": 0.5}) == 0.5
+  split = {"eval_split": "validation", "validation_accuracy": 0.7}
+  assert common.held_out_accuracy(split) == 0.7

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
+from experiments.configs import base
 from experiments.configs.base import (
   OPTIMIZERS,
   TrainConfig,
   apply_overrides,
+  config_differences,
   load_config,
   paper_recipe,
+  validate,
 )
 from experiments.optimizers import build_optimizer
 
@@ -86,3 +92,58 @@ def test_missing_config_file_raises_value_error():
 def test_float64_compute_is_refused_without_64_bit_jax_and_says_how_to_enable_it():
   with pytest.raises(ValueError, match=r"'float64' needs 64-bit JAX.*JAX_ENABLE_X64=1"):
     apply_overrides(TrainConfig(), ["compute_dtype=float64"])
+
+
+@pytest.mark.parametrize(
+  "override",
+  [
+    "lambda_max_iters=0",
+    "lambda_max_examples=0",
+    "lambda_max_every=-1",
+    "rho=-0.1",
+    "rho=inf",
+    "lr=-0.1",
+    "lr=nan",
+    "momentum=1.0",
+    "momentum=-0.1",
+    "weight_decay=-1e-4",
+    "seed=-1",
+    "label_noise=1.0",
+    "validation_fraction=-0.1",
+    "train_examples=-1",
+    "rho_warmup_epochs=-1",
+    "alpha=2.5",
+    "eta=-1",
+    "refresh_every=0",
+    "power_iters=0",
+    "b1=1.0",
+    "b2=-0.5",
+    "dropout_rate=1.0",
+    "batch_size=0",
+    "checkpoint_every=0",
+  ],
+)
+def test_every_out_of_range_field_is_refused_by_name_with_the_way_to_set_it(override):
+  name = override.partition("=")[0]
+  with pytest.raises(ValueError, match=rf"`{name}` must be .*got .*--set {name}=VALUE"):
+    apply_overrides(TrainConfig(), [override])
+
+
+def test_every_numeric_config_field_has_a_checked_range():
+  hints = get_type_hints(TrainConfig)
+  numeric = {f.name for f in dataclasses.fields(TrainConfig) if hints[f.name] in (int, float)}
+  assert numeric == {name for name, _, _ in base._RANGES}
+  validate(TrainConfig())  # the defaults are in range
+
+
+def test_unknown_correction_is_refused_with_the_choices():
+  with pytest.raises(ValueError, match=r"unknown correction 'exact'.*'official', 'projection'"):
+    apply_overrides(TrainConfig(), ["correction=exact"])
+
+
+def test_a_saved_config_without_a_newer_field_reads_it_as_its_default():
+  saved = json.loads(TrainConfig(rho=0.1).to_json())
+  del saved["refresh_once_per_epoch"]
+  assert config_differences(TrainConfig(rho=0.1), saved) == {}
+  assert config_differences(TrainConfig(rho=0.2), saved) == {"rho": (0.1, 0.2)}
+  assert config_differences(TrainConfig(rho=0.1, mesh="data=2"), saved) == {}  # RESUME_FREE

@@ -91,7 +91,8 @@ def test_missing_tfds_dataset_raises_with_preparation_instructions(tmp_path):
   message = str(info.value)
   assert f"tfds build cifar10 --data_dir {tmp_path} --file_format=array_record" in message
   assert "tfds.data_source('cifar10'" in message
-  assert "--data_dir" in message
+  # The train CLI's spelling (it has no --data_dir flag; `tfds build` has).
+  assert f"--set data_dir={tmp_path} to python -m experiments.train" in message
 
 
 def test_missing_tfds_dataset_in_the_default_directory_raises_the_same_error(tmp_path):

@@ -264,3 +264,72 @@ def test_processes_started_with_different_configs_refuse_to_run_and_touch_nothin
   for process in result.processes:
     assert "different configs (rho: process 0: 0.05, process 1: 0.1)" in process.stderr
   assert _digest(workdir) == {"notes.txt": hashlib.sha256(b"someone's work\n").hexdigest()}
+
+
+@MULTIPROCESS
+def test_a_workdir_one_process_cannot_use_stops_every_process_before_anything_is_written(
+  tmp_path,
+):
+  # Process 1 is given a file as its --workdir (as if its host saw another file system): it
+  # refuses by name, and process 0 stops with it instead of waiting for it in a collective.
+  workdir, afile = tmp_path / "run", tmp_path / "afile"
+  afile.write_text("precious\n")
+  result = launch(
+    [_argv("sgd", workdir)],
+    num_processes=2,
+    devices_per_process=1,
+    workdir=tmp_path / "logs",
+    env=X64,
+    per_process_args={1: ["--workdir", str(afile)]},
+  )
+  assert result.returncodes == [2, 2], result.logs()
+  assert f"--workdir {afile} is a file, not a directory" in result.processes[1].stderr
+  assert "process 1 of 2 stopped the run: ValueError: --workdir" in result.processes[0].stderr
+  assert not workdir.exists() and afile.read_text() == "precious\n"
+
+
+@MULTIPROCESS
+def test_processes_started_with_different_num_processes_all_refuse_by_name(tmp_path):
+  # The coordinator (process 0) fixes the count at 2; process 1 believes in 3 and joins anyway.
+  result = launch(
+    [_argv("sgd", tmp_path / "run")],
+    num_processes=2,
+    devices_per_process=1,
+    workdir=tmp_path / "logs",
+    env=X64,
+    per_process_args={1: ["--num_processes", "3"]},
+  )
+  assert result.returncodes == [2, 2], result.logs()
+  for process in result.processes:
+    assert "--num_processes differs between the processes (process 0: 2, process 1: 3)" in (
+      process.stderr
+    )
+    assert "Start every process with --num_processes 2" in process.stderr
+  assert not (tmp_path / "run").exists()
+
+
+@MULTIPROCESS
+def test_sigterm_to_one_process_checkpoints_every_process_and_the_rerun_resumes(runs, tmp_path):
+  # A preemption notice reaches one process (here process 1, which writes no metrics): JAX's
+  # preemption service agrees on a step, every process saves its part of the state there and
+  # exits with 75, and the rerun continues to the uninterrupted run's parameters.
+  runs.first_epoch(1)  # the 1-process X-SAM reference, 2 epochs, never interrupted
+  workdir = tmp_path / "run"
+  argv = [_argv("xsam", workdir)]
+  kwargs = dict(num_processes=2, devices_per_process=2, env=X64)
+  stopped = launch(
+    argv, workdir=tmp_path / "logs", terminate_when=(workdir / "metrics.jsonl", 1), **kwargs
+  )
+  assert stopped.returncodes == [75, 75], stopped.logs()
+  records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  step = next(r["step"] for r in records if r["kind"] == "preempted")
+  for i, process in enumerate(stopped.processes):
+    assert f"[process {i} of 2] preempted at step {step}" in process.stderr
+  assert 0 < step < 8
+  resumed = launch(argv, workdir=tmp_path / "logs_r", **kwargs)
+  _assert_ok(resumed)
+  records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["kind"] == "resume"] == [step]
+  diff = max_abs_diff(read_checkpoint(runs.dir(1, "xsam"), 2), read_checkpoint(workdir, 2))
+  print(f"2 processes preempted at step {step} and resumed vs 1 process uninterrupted: {diff:.3g}")
+  assert diff <= TOLERANCE

@@ -219,6 +219,10 @@ def test_corrupt_checkpoint_gives_a_clear_error_and_is_left_untouched(tmp_path):
     ("epochs=0", "epochs"),
     ("nonexistent=1", "unknown config field 'nonexistent'"),
     ("rho=abc", "rho"),
+    # Out of range: refused before anything is built or written, not at the end of the run.
+    ("lambda_max_iters=0", "`lambda_max_iters` must be >= 1, got 0; set it with --set"),
+    ("momentum=1.5", "`momentum` must be in [0, 1), got 1.5"),
+    ("seed=-1", "`seed` must be >= 0"),
   ],
 )
 def test_cli_rejects_bad_settings_with_a_message_naming_the_fix(override, match, capsys, tmp_path):
@@ -289,7 +293,7 @@ def test_missing_tfds_dataset_error_says_how_to_prepare_it(capsys, tmp_path):
   )
   assert code == 2
   err = capsys.readouterr().err
-  assert "cifar10" in err and "data_dir" in err
+  assert "cifar10" in err and f"--set data_dir={tmp_path}" in err  # the CLI's own spelling
 
 
 FASHION_CONFIG = "experiments/configs/fashion_mnist_simple_cnn.py"
@@ -339,3 +343,84 @@ def test_float64_compute_holds_params_state_and_loss_in_float64_from_the_float32
     logits = state.apply_fn({"params": state.params}, images, train=False)
     loss, _ = train_lib.cross_entropy(logits, dataset.train_labels[:8].astype(np.int32))
     assert logits.dtype == np.float64 and loss.dtype == np.float64
+
+
+def test_negative_rho_with_a_warm_up_is_refused_before_anything_is_written(capsys, tmp_path):
+  # The warm-up schedule hands optax a schedule, which the library's rho >= 0 check cannot see.
+  argv = ["--config", f"{CONFIG}:sam", "--workdir", str(tmp_path / "run")]
+  code = train_lib.main([*argv, "--set", "rho=-0.1", "--set", "rho_warmup_epochs=2"])
+  assert code == 2
+  assert "`rho` must be >= 0, got -0.1" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+  ("mesh", "match"), [("data=\u00b2", "positive integers"), ("data=2,data=4", "'data' twice")]
+)
+def test_malformed_mesh_flag_is_refused_by_the_parser_naming_the_flag(
+  mesh, match, capsys, tmp_path
+):
+  with pytest.raises(SystemExit) as info:
+    train_lib.main(["--config", f"{CONFIG}:sgd", "--workdir", str(tmp_path / "r"), "--mesh", mesh])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert "argument --mesh" in err and match in err
+  assert not (tmp_path / "r").exists()
+
+
+def test_workdir_that_is_a_file_is_refused_by_name_and_left_alone(capsys, tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("precious\n")
+  code = train_lib.main(["--config", f"{CONFIG}:sgd", "--workdir", str(path), *_sets()])
+  assert code == 2
+  assert f"--workdir {path} is a file, not a directory" in capsys.readouterr().err
+  assert path.read_text() == "precious\n" and sorted(tmp_path.iterdir()) == [path]
+
+
+def _sets(*extra):
+  return [a for o in [*TINY, *extra] for a in ("--set", o)]
+
+
+@pytest.mark.slow
+def test_validation_runs_name_their_accuracy_validation_and_have_no_test_accuracy(tmp_path):
+  config = _config("sgd", "epochs=1", "train_examples=512", "validation_fraction=0.25")
+  summary, _ = train_lib.train(config, tmp_path)
+  assert summary["eval_split"] == "validation"
+  assert 0 <= summary["validation_accuracy"] <= 1 and "validation_loss" in summary
+  assert "test_accuracy" not in summary and "test_loss" not in summary
+  records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  epoch = next(r for r in records if r["kind"] == "epoch")
+  assert "validation_accuracy" in epoch and "test_accuracy" not in epoch
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_ends_bit_identical(
+  uninterrupted, tmp_path
+):
+  # A preemption (SLURM, TPU, a `kill`) sends SIGTERM: the run stops after the step it is in,
+  # saves the state and the epoch's running sums, says how to resume and exits with 75.
+  _, summary, state = uninterrupted
+  cmd = [sys.executable, "-m", "experiments.train", "--config", f"{CONFIG}:xsam"]
+  cmd += ["--workdir", str(tmp_path), *_sets()]
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.stat().st_size:  # the first step record: mid-epoch 1
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == train_lib.EXIT_PREEMPTED, stderr[-3000:]
+  records = [json.loads(x) for x in metrics.read_text().splitlines()]
+  stopped = next(r for r in records if r["kind"] == "preempted")
+  assert 0 < stopped["step"] < 33  # within the run, not at its end
+  assert f"preempted at step {stopped['step']}" in stderr
+  assert "rerun the same command to resume" in stderr
+  resumed, resumed_state = train_lib.train(_config(), tmp_path)
+  records = [json.loads(x) for x in metrics.read_text().splitlines()]
+  assert [r["step"] for r in records if r["kind"] == "resume"] == [stopped["step"]]
+  assert _tree_digest(resumed_state.params) == _tree_digest(state.params)
+  assert _tree_digest(resumed_state.opt_state) == _tree_digest(state.opt_state)
+  for key in ("test_accuracy", "test_loss", "final_train_loss", "final_lambda_max"):
+    assert resumed[key] == summary[key], key

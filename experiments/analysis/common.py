@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.configs.base import RESUME_FREE, TrainConfig, load_config
+from experiments.configs import base as base_config
+from experiments.configs.base import TrainConfig, load_config
 
 # Prepended to the user's --set overrides: quiet, file-only runs (the user may override them).
 QUIET_OVERRIDES = ("progress=false", "tensorboard=false")
@@ -56,11 +57,26 @@ def make_config(
 
 
 def config_differences(config: TrainConfig, saved: dict[str, Any]) -> list[str]:
-  """Names of the fields (outside ``RESUME_FREE``) where ``config`` and a saved one differ."""
-  current = json.loads(config.to_json())
-  return sorted(
-    k for k in set(saved) | set(current) if k not in RESUME_FREE and saved.get(k) != current.get(k)
-  )
+  """Names of the fields where ``config`` and a saved ``config.json`` differ.
+
+  The comparison of :func:`experiments.configs.base.config_differences`, the one a resumed
+  run makes (fields missing from ``saved`` read as their defaults; ``RESUME_FREE`` ignored).
+  """
+  return list(base_config.config_differences(config, saved))
+
+
+def held_out_accuracy(summary: dict[str, Any]) -> float:
+  """A run's accuracy on the split it was evaluated on.
+
+  ``validation_accuracy`` for a run that held out part of its training set
+  (``validation_fraction > 0``: its test set was never loaded), else ``test_accuracy``
+  (``summary["eval_split"]`` says which; summaries written before it existed are test).
+
+  Example:
+    >>> held_out_accuracy({"eval_split": "validation", "validation_accuracy": 0.9})
+    0.9
+  """
+  return summary[f"{summary.get('eval_split', 'test')}_accuracy"]
 
 
 def run_or_load(
@@ -75,7 +91,8 @@ def run_or_load(
     log: called with one line per run (``None``: silent).
 
   Returns:
-    The run's summary dict (``test_accuracy``, ``final_lambda_max``, ...).
+    The run's summary dict (``test_accuracy`` or ``validation_accuracy``,
+    ``final_lambda_max``, ...).
 
   Raises:
     ValueError: when ``workdir`` holds a finished run of another config.
@@ -100,7 +117,7 @@ def run_or_load(
   summary, _ = train_lib.train(config, workdir)
   if log is not None:
     log(
-      f"       test_accuracy={summary['test_accuracy']:.4f} "
+      f"       {summary.get('eval_split', 'test')}_accuracy={held_out_accuracy(summary):.4f} "
       f"lambda_max={summary['final_lambda_max']:.4g} wall={summary['wall_seconds_this_run']:.1f}s"
     )
   return summary

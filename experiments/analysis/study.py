@@ -312,7 +312,7 @@ def run_all(runs: Sequence[Run], args: argparse.Namespace, log=print) -> list[di
 
 
 def _brief(summary: dict[str, Any]) -> str:
-  return f"acc={summary['test_accuracy']:.4f} lambda={summary['final_lambda_max']:.3g}"
+  return f"acc={common.held_out_accuracy(summary):.4f} lambda={summary['final_lambda_max']:.3g}"
 
 
 def row_of(run: Run, workdir: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +324,7 @@ def row_of(run: Run, workdir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     "method": run.method,
     "setting": " ".join(run.setting),
     "seed": run.seed,
-    "accuracy": summary["test_accuracy"],
+    "accuracy": common.held_out_accuracy(summary),  # validation in the tuning stage
     "final_lambda_max": summary["final_lambda_max"],
     "train_accuracy": last.get("train_accuracy"),
     "train_loss": last.get("train_loss"),

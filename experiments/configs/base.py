@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -109,6 +110,65 @@ class TrainConfig:
 RESUME_FREE = frozenset({"progress", "tensorboard", "data_dir", "log_every", "mesh"})
 
 
+def config_differences(config: TrainConfig, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """``{field: (saved value, config's value)}`` where a saved ``config.json`` differs.
+
+  The one comparison of a run directory's config with the current one (resume in
+  :class:`experiments.train.RunDir`, skip-or-refuse in :mod:`experiments.analysis.common`).
+  A field added to :class:`TrainConfig` after the run started is missing from ``saved`` and
+  reads as its default there; the fields of :data:`RESUME_FREE` may differ.
+
+  Args:
+    config: the current config.
+    saved: the parsed ``config.json`` of a run.
+
+  Returns:
+    The differing fields, sorted by name (empty when the run may be resumed with ``config``).
+
+  Example:
+    >>> config_differences(TrainConfig(rho=0.1), {"rho": 0.05})
+    {'rho': (0.05, 0.1)}
+  """
+  saved = {**json.loads(TrainConfig().to_json()), **saved}
+  current = json.loads(config.to_json())
+  return {
+    k: (saved.get(k), current.get(k))
+    for k in sorted(set(saved) | set(current))
+    if k not in RESUME_FREE and saved.get(k) != current.get(k)
+  }
+
+
+# The range of every numeric field: (name, test, the requirement in words). ``validate`` checks
+# them all before anything is built or written, so a bad value never costs a run. Sharpness
+# fields are checked for every optimizer (a SAM config may be rerun as X-SAM with --set).
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+  ("label_noise", lambda x: 0 <= x < 1, "in [0, 1)"),
+  ("train_examples", lambda x: x >= 0, ">= 0 (0: all training examples)"),
+  ("validation_fraction", lambda x: 0 <= x < 1, "in [0, 1)"),
+  ("dropout_rate", lambda x: 0 <= x < 1, "in [0, 1)"),
+  ("epochs", lambda x: x >= 1, ">= 1"),
+  ("batch_size", lambda x: x >= 1, ">= 1"),
+  ("lr", lambda x: x >= 0, ">= 0"),
+  ("momentum", lambda x: 0 <= x < 1, "in [0, 1)"),
+  ("weight_decay", lambda x: x >= 0, ">= 0"),
+  ("b1", lambda x: 0 <= x < 1, "in [0, 1)"),
+  ("b2", lambda x: 0 <= x < 1, "in [0, 1)"),
+  ("rho", lambda x: x >= 0, ">= 0"),
+  ("rho_warmup_epochs", lambda x: x >= 0, ">= 0 (0: no warm-up)"),
+  ("alpha", lambda x: 0 <= x <= 2, "in [0, 2]"),
+  ("eta", lambda x: x >= 0, ">= 0"),
+  ("refresh_every", lambda x: x >= 1, ">= 1"),
+  ("power_iters", lambda x: x >= 1, ">= 1"),
+  ("seed", lambda x: x >= 0, ">= 0"),
+  ("eval_every", lambda x: x >= 1, ">= 1"),
+  ("checkpoint_every", lambda x: x >= 1, ">= 1"),
+  ("lambda_max_every", lambda x: x >= 0, ">= 0 (0: only at the end)"),
+  ("lambda_max_examples", lambda x: x >= 1, ">= 1"),
+  ("lambda_max_iters", lambda x: x >= 1, ">= 1"),
+  ("log_every", lambda x: x >= 1, ">= 1"),
+)
+
+
 def _parse_value(name: str, text: str, annotation: Any) -> Any:
   kinds = annotation if isinstance(annotation, types.UnionType) else None
   allowed = set(kinds.__args__) if kinds else {annotation}
@@ -144,7 +204,15 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-  """Raises ValueError naming the field and the valid choices for impossible settings."""
+  """Returns ``config`` after checking every field; nothing is built or written before.
+
+  Every numeric field must lie in its range (:data:`_RANGES`: e.g. ``rho >= 0``, ``momentum``
+  in [0, 1), ``lambda_max_iters >= 1``), finite, and every name field must be a known choice,
+  so a run never trains for hours and then fails on a setting it was given at the start.
+
+  Raises:
+    ValueError: naming the field, its valid range or choices, and how to set it.
+  """
   from experiments.data import DATASETS
   from experiments.models import MODELS
 
@@ -155,18 +223,19 @@ def validate(config: TrainConfig) -> TrainConfig:
     ("refresh_path", config.refresh_path, REFRESH_PATHS),
     ("lr_schedule", config.lr_schedule, LR_SCHEDULES),
     ("tracker", config.tracker, ("power", "lanczos")),
+    ("correction", config.correction, ("projection", "official")),
     ("compute_dtype", config.compute_dtype, ("float32", "bfloat16", "float16", "float64")),
   ]
   for name, value, choices in checks:
     if value not in choices:
       raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(choices)}")
-  for name in ("epochs", "batch_size", "eval_every", "checkpoint_every", "log_every"):
-    if getattr(config, name) < 1:
-      raise ValueError(f"`{name}` must be >= 1, got {getattr(config, name)}")
-  if not 0.0 <= config.validation_fraction < 1.0:
-    raise ValueError(f"`validation_fraction` must be in [0, 1), got {config.validation_fraction}")
-  if config.train_examples < 0 or config.rho_warmup_epochs < 0:
-    raise ValueError("`train_examples` and `rho_warmup_epochs` must be >= 0")
+  for name, ok, requirement in _RANGES:
+    value = getattr(config, name)
+    if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+      raise ValueError(
+        f"`{name}` must be {requirement}, got {value!r}; set it with --set {name}=VALUE "
+        "(nothing was built or written)"
+      )
   if config.compute_dtype == "float64" and not jax.config.jax_enable_x64:
     raise ValueError(
       "compute_dtype 'float64' needs 64-bit JAX: start the run with JAX_ENABLE_X64=1 in the "
