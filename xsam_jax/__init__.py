@@ -10,6 +10,8 @@ gradient to the optimizer after it.
 * :func:`xsam` -- X-SAM: perturbed gradient corrected along the top Hessian eigenvector.
 * :func:`refresh_eigenvector` -- refresh the cached eigenvector outside the training step.
 * :mod:`xsam_jax.hessian` -- HVPs, power iteration, Lanczos, trace and spectral density.
+* :mod:`xsam_jax.training` -- Flax (NNX and Linen) glue; not imported here, it needs flax:
+  ``pip install 'xsam_jax[flax]'``.
 """
 
 from xsam_jax import hessian
