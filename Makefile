@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Reuse XLA compilations across processes and runs (the CPU demo and tests compile a lot).
 export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(VENV))/xla-cache
 
-.PHONY: setup fashion-mnist test test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study start transformer clean
+.PHONY: setup fashion-mnist test test-floors test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study start transformer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,26 @@ fashion-mnist:
 # `--dist loadfile`: one worker per test file, so session fixtures (reference runs) run once.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+
+# The declared minimum versions work: fresh venvs at exactly the floors of pyproject.toml
+# (tests/floors/*.txt, installed from the package index) run the README's blocks and the
+# doctests, first after a plain `pip install .` (which must not install flax), then with the
+# [flax] extra (whose floor, flax 0.12.7, lifts jax to 0.10.0). It takes minutes, most of them
+# installing, so it is not part of `make test`.
+FLOORS ?= .venv-floors
+FLOOR_TESTS := tests/test_readme.py tests/test_doctests.py
+test-floors:
+	rm -rf $(FLOORS)
+	$(PYTHON) -m venv $(FLOORS)/core
+	$(FLOORS)/core/bin/pip install -q --upgrade pip
+	$(FLOORS)/core/bin/pip install -q -c tests/floors/core.txt . pytest
+	$(FLOORS)/core/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('flax') is not None and 'pip install . installed flax')"
+	$(FLOORS)/core/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS) \
+	  tests/test_wheel_installs_the_library_alone.py::test_xsam_jax_imports_without_flax_and_training_names_the_extra
+	$(PYTHON) -m venv $(FLOORS)/flax
+	$(FLOORS)/flax/bin/pip install -q --upgrade pip
+	$(FLOORS)/flax/bin/pip install -q -c tests/floors/flax.txt '.[flax]' pytest
+	$(FLOORS)/flax/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 # Only the multi-process tests (local processes joined by jax.distributed; gloo on CPU).
 test-multiprocess: $(STAMP)
@@ -101,4 +121,4 @@ transformer: $(STAMP)
 	$(BIN)/python -m experiments.transformer --optimizers adamw,sam_adamw,xsam_adamw --seeds 0,1,2 --steps 1500 --out experiments/figures/transformer.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FLOORS) build *.egg-info .pytest_cache

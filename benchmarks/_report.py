@@ -78,7 +78,7 @@ class Run:
   def meta(self) -> dict[str, Any]:
     """The run's header data, as of now."""
     return {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y"),
+      "date": datetime.datetime.now(datetime.UTC).strftime("%a %b %d %H:%M:%S UTC %Y"),
       "command": command_line(self.module, self.argv),
       "machine": machine_info(),
       "load_start": self.load_start,

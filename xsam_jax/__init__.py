@@ -11,6 +11,8 @@ gradient to the optimizer after it.
 * :func:`accumulate` -- gradient accumulation over k micro-batches, built from one k.
 * :func:`refresh_eigenvector` -- refresh the cached eigenvector outside the training step.
 * :mod:`xsam_jax.hessian` -- HVPs, power iteration, Lanczos, trace and spectral density.
+* :mod:`xsam_jax.training` -- Flax (NNX and Linen) glue; not imported here, it needs flax:
+  ``pip install 'xsam_jax[flax]'``.
 """
 
 from xsam_jax import hessian

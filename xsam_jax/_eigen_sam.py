@@ -209,6 +209,11 @@ def eigen_sam(
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
     ...                            grad_fn=jax.grad(loss))
     >>> params = optax.apply_updates(params, updates)
+    >>> # The first step estimated the Hessian's top eigenpair, (4, e_1) for diag(4, 1):
+    >>> round(float(optax.tree.get(state, "eigval")), 2)
+    4.0
+    >>> print(jnp.abs(optax.tree.get(state, "eigvec")).round(2))
+    [1. 0.]
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM; 0.2 is the papers' default.")

@@ -174,6 +174,9 @@ def sam(
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
     ...                            grad_fn=jax.grad(loss))
     >>> params = optax.apply_updates(params, updates)
+    >>> # SGD alone steps to 0.2; SAM takes the gradient at w + rho g/|g| = w - rho/sqrt(3):
+    >>> bool(jnp.allclose(params, 0.1 * 2 * (1 + 0.05 / 3**0.5)))
+    True
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("eta", eta, 0.0)
