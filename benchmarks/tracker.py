@@ -1,6 +1,7 @@
 """Eigenvector trackers: HVPs needed to reach a given accuracy, power iteration vs Lanczos.
 
-``python -m benchmarks.tracker [--models simple_cnn,resnet18] [--out benchmarks/RESULTS.md]``
+``python -m benchmarks.tracker [--models simple_cnn,resnet18] [--no-timing]
+[--out benchmarks/RESULTS.md]``
 
 For each model (eval-mode loss on a fixed batch) it computes a reference top eigenvector with a
 long reorthogonalised Lanczos run, then counts the Hessian-vector products each tracker needs to
