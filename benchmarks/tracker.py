@@ -1,6 +1,7 @@
 """Eigenvector trackers: HVPs needed to reach a given accuracy, power iteration vs Lanczos.
 
-``python -m benchmarks.tracker [--models simple_cnn,resnet18] [--out benchmarks/RESULTS.md]``
+``python -m benchmarks.tracker [--models simple_cnn,resnet18] [--no-timing]
+[--out benchmarks/RESULTS.md]``
 
 For each model (eval-mode loss on a fixed batch) it computes a reference top eigenvector with a
 long reorthogonalised Lanczos run, then counts the Hessian-vector products each tracker needs to
@@ -15,7 +16,9 @@ Power iteration is the papers' tracker; "Lanczos" is ``tracker="lanczos"`` of
 One Lanczos run of ``M`` steps yields the ``m``-step answers for every ``m <= M`` (the Krylov
 bases are nested; full reorthogonalisation keeps them exact), so the sweep costs ``M`` HVPs.
 The amortised X-SAM step ``SAM + q HVP / p`` uses HVP and SAM step times measured in the same
-run (interleaved repeats of the shared harness, :mod:`benchmarks._harness`). Loops run on the
+run (interleaved repeats of the shared harness, :mod:`benchmarks._harness`); ``--no-timing``
+skips them and reports the HVP counts only, which do not depend on the machine's load (times
+taken on a loaded shared machine are not worth reporting). Loops run on the
 host around one jitted HVP (the fast choice on XLA:CPU). With ``--out`` the section is written
 into that file between its markers (:mod:`benchmarks._report`), other sections kept.
 """
@@ -79,7 +82,13 @@ def _first_reaching(cosines: list[float]) -> int | None:
 
 
 def bench_model(
-  name: str, batch: int, ref_iters: int, max_iters: int, drift_steps: int, repeats: int = 5
+  name: str,
+  batch: int,
+  ref_iters: int,
+  max_iters: int,
+  drift_steps: int,
+  repeats: int = 5,
+  timing: bool = True,
 ) -> dict:
   problem = make_problem(name, batch)
   params, batch_stats, images, labels = (
@@ -145,6 +154,8 @@ def bench_model(
     },
     max_iters=max_iters,
   )
+  if not timing:
+    return result
   log = make_log()
   variants = [
     compiled_variant("hvp", hvp_jit, (params, vec_ref), log),
@@ -160,8 +171,10 @@ def _fmt(n: int | None, cap: int) -> str:
   return str(n) if n is not None else f">{cap}"
 
 
-def to_markdown(results: list[dict], meta: dict, ref_iters: int) -> str:
-  """The RESULTS.md section of this benchmark, between its markers."""
+def to_markdown(results: list[dict], meta: dict, ref_iters: int, timing: bool = True) -> str:
+  """The RESULTS.md section of this benchmark, between its markers; without ``timing`` (the
+  results hold no times) the time columns and the amortised costs are left out."""
+  time_columns = " HVP / grad | HVP / SAM step |" if timing else ""
   lines = [
     "",
     "Cold: from a random vector. Warm: from the converged vector before a few SGD steps moved "
@@ -169,8 +182,8 @@ def to_markdown(results: list[dict], meta: dict, ref_iters: int) -> str:
     "||Hv - λv|| / |λ| shown). Fixed random CIFAR-sized batch, eval-mode loss, models at init.",
     "",
     "| model | λ_max | residual | cold power | cold Lanczos | warm start cos | warm power | "
-    "warm Lanczos | cos after 5 HVPs (warm power / warm Lanczos) | HVP / grad | HVP / SAM step |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "warm Lanczos | cos after 5 HVPs (warm power / warm Lanczos) |" + time_columns,
+    "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if timing else ""),
   ]
   for r in results:
     c5 = r["cos_after_5"]
@@ -179,9 +192,16 @@ def to_markdown(results: list[dict], meta: dict, ref_iters: int) -> str:
       f"{_fmt(r['cold_power'], r['max_iters'])} | {_fmt(r['cold_lanczos'], r['max_iters'])} | "
       f"{r['warm_start_cos']:.3f} | {_fmt(r['warm_power'], r['max_iters'])} | "
       f"{_fmt(r['warm_lanczos'], r['max_iters'])} | {c5['warm_power']:.3f} / "
-      f"{c5['warm_lanczos']:.3f} | {r['hvp_s'] / r['grad_s']:.2f} | "
-      f"{r['hvp_s'] / r['sam_s']:.2f} |"
+      f"{c5['warm_lanczos']:.3f} |"
+      + (f" {r['hvp_s'] / r['grad_s']:.2f} | {r['hvp_s'] / r['sam_s']:.2f} |" if timing else "")
     )
+  if not timing:
+    lines += [
+      "",
+      "Times not measured (`--no-timing`): HVP counts only. The step-cost section gives HVP / "
+      "gradient and HVP / SAM step.",
+    ]
+    return report.section(NAME, "Eigenvector trackers: HVPs to reach |cos| >= 0.99", meta, lines)
   lines += [
     "",
     "Amortised X-SAM step / SAM step for a refresh every p=5 steps, with q the HVPs "
@@ -207,6 +227,12 @@ def main(argv=None) -> None:
   parser.add_argument("--max_iters", type=int, default=40)
   parser.add_argument("--drift_steps", type=int, default=5)
   parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+  parser.add_argument(
+    "--no-timing",
+    dest="timing",
+    action="store_false",
+    help="HVP counts only: skip the HVP, gradient and SAM-step times (for a loaded machine)",
+  )
   parser.add_argument("--out", default=None, help="write the Markdown section into this file")
   args = parser.parse_args(argv)
   run = report.Run(NAME, argv)
@@ -214,11 +240,11 @@ def main(argv=None) -> None:
   for name in args.models.split(","):
     t = time.time()
     r = bench_model(
-      name, args.batch, args.ref_iters, args.max_iters, args.drift_steps, args.repeats
+      name, args.batch, args.ref_iters, args.max_iters, args.drift_steps, args.repeats, args.timing
     )
     print(name, {k: v for k, v in r.items()}, f"{time.time() - t:.0f}s", flush=True)
     results.append(r)
-  text = to_markdown(results, run.meta(), args.ref_iters)
+  text = to_markdown(results, run.meta(), args.ref_iters, args.timing)
   print(text)
   if args.out:
     report.write_section(args.out, text, NAME, first=False)

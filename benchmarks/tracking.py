@@ -9,9 +9,11 @@ the grey level copied to 3 channels; its BatchNorm uses the minibatch's statisti
 training, so the Hessian is that of the training loss of the minibatch) with SAM for
 ``--steps`` steps. Along
 that one trajectory, every tracker setting keeps its own cached vector and refreshes it every
-``p`` steps with ``q`` warm-started HVPs on the step's minibatch, exactly as the library's
-refresh does: power iteration (``hessian.power_iteration``, the papers' tracker) or an
-``q``-step Lanczos run returning the top Ritz vector (``tracker="lanczos"``), with exact
+``p`` steps with ``q`` warm-started HVPs on the step's minibatch through the library's own
+refresh function (:func:`library_refresh`, which calls what ``xsam``, ``eigen_sam`` and
+``refresh_eigenvector`` call): power iteration (the papers' tracker) or a ``q``-step Lanczos run
+returning the top Ritz vector (``tracker="lanczos"``; with ``q = 1`` the library takes one power
+step instead, since a one-vector Krylov space is the start vector itself), with exact
 (forward-over-reverse) or finite-difference HVPs (one gradient each; the base gradient is the
 step's clean gradient, free when the HVP loss is the training loss, as here). A third tracker,
 not in the library, is measured here as a candidate: ``"averaged"``, power steps on a running
@@ -31,7 +33,10 @@ no vector refreshed on earlier minibatches can follow the current one.
 The cost of each setting is the amortised X-SAM step over one SAM step, ``1 + q·t_HVP/(p·t_SAM)``,
 from the HVP, gradient and SAM-step times measured in this run with the shared harness
 (interleaved medians). All settings share one trajectory (SAM's), so they differ only in how
-well they track it. Loops run on the host, on one flat vector, around one jitted HVP.
+well they track it. Loops run on the host, on one flat vector: the library's refresh around
+one jitted gradient of the flat parameters (its HVPs are products through that program, compiled
+once, not one unrolled program per (tracker, q)), the references, comparisons and the averaged
+tracker around one jitted HVP.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ from benchmarks._problems import cross_entropy
 from experiments import data as data_lib
 from experiments.models import count_params, get_model, init_model
 from xsam_jax import hessian
+from xsam_jax._eigvec import _power_refresh
+from xsam_jax._perturbation import DEFAULT_EPS
 
 NAME = "benchmarks.tracking"
 LR, MOMENTUM, RHO = 0.05, 0.9, 0.05
@@ -80,6 +87,33 @@ def comparison_steps(steps: int, every: int, seed: int = 0) -> set[int]:
 
 
 TRACKERS = ("power", "lanczos", "averaged")
+
+
+def library_refresh(grad_fn, params, v, q: int, tracker: str, hvp_method: str, base_grad=None):
+  """``q`` warm-started HVPs from ``v`` at ``params``, as the library refreshes its eigenvector.
+
+  Calls the refresh that :func:`xsam_jax.xsam`, :func:`xsam_jax.eigen_sam` and
+  :func:`xsam_jax.refresh_eigenvector` call (``xsam_jax._eigvec._power_refresh``, static path:
+  straight-line HVPs), so the benchmark measures the library's tracker and not a copy of it.
+  In particular ``tracker="lanczos"`` with ``q = 1`` is one power step there, not the start
+  vector a one-step Lanczos run would return.
+
+  Args:
+    grad_fn: ``params -> grads`` of the loss whose Hessian is tracked.
+    params: the point at which the Hessian is taken (a pytree).
+    v: the cached vector, shaped like ``params``.
+    q: number of HVPs, an int >= 1.
+    tracker: ``"power"`` or ``"lanczos"``.
+    hvp_method: ``"exact"`` or ``"forward_difference"``.
+    base_grad: forward differences only: ``grad_fn(params)`` if at hand.
+
+  Returns:
+    The refreshed unit vector, shaped like ``params``.
+  """
+  _, new = _power_refresh(
+    v, params, grad_fn, q, DEFAULT_EPS, None, True, tracker, hvp_method, base_grad
+  )
+  return new
 
 
 def averaged_power_steps(hvp, v, m, q: int, decay: float):
@@ -182,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   hvp_fd_flat = jax.jit(
     lambda p, v, g, x, y: flat_hvp(p, v, x, y, hvp_method="forward_difference", base_grad=g)
   )
+  # The library's refresh runs on the flat parameters, with this gradient as its grad_fn.
+  grad_flat = jax.jit(lambda w, x, y: ravel_pytree(jax.grad(loss)(unravel(w), x, y))[0])
+
   tx = optax.chain(xsam_jax.sam(rho=RHO), optax.sgd(LR, momentum=MOMENTUM))
 
   @jax.jit
@@ -230,19 +267,28 @@ def main(argv: Sequence[str] | None = None) -> int:
       "exact": lambda v, x=x, y=y, p=params: hvp_exact_flat(p, v, x, y),
       "forward_difference": lambda v, x=x, y=y, p=params, g=g: hvp_fd_flat(p, v, g, x, y),
     }
+    flat_at_step = None  # (params, gradient) as flat vectors
     for tracker, method, q, p in settings:
       if step % p:
         continue
       key = (tracker, method, q, p)
-      if tracker == "power":
-        _, cached[key] = hessian.power_iteration(hvps[method], cached[key], q, unroll=True)
-      elif tracker == "averaged":
+      if tracker == "averaged":
         cached[key], averaged_hvp[key] = averaged_power_steps(
           hvps[method], cached[key], averaged_hvp[key], q, args.average_decay
         )
       else:
-        _, vecs = hessian.top_k_eigenpairs(hvps[method], cached[key], 1, num_iters=q, unroll=True)
-        cached[key] = vecs[0]
+        if flat_at_step is None:  # once per step, and only on a step that refreshes
+          flat_at_step = (ravel_pytree(params)[0], ravel_pytree(g)[0])
+        w, g_flat = flat_at_step
+        cached[key] = library_refresh(
+          lambda u, x=x, y=y: grad_flat(u, x, y),
+          w,
+          cached[key],
+          q,
+          tracker,
+          method,
+          g_flat if method == "forward_difference" else None,
+        )
     if step in compare_at:
       lam, ref = top(hvps["exact"], 1000 + step)
       refs.append((step, lam))
@@ -263,16 +309,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   log("timing SAM step, gradient and HVPs")
   v = v0
-  # Every function was compiled (for these shapes) by the run above: time those programs, not
-  # fresh ahead-of-time compilations of them, which would cost as much again as the first.
+  # The run above compiled these functions for these shapes (all but the finite-difference HVP,
+  # compiled below): time those programs, not fresh ahead-of-time compilations of them, which
+  # would cost as much again as the first.
   timed = {
     "sam": (sam_step, (params, opt_state, x, y)),
     "grad": (grad, (params, x, y)),
     "hvp_exact": (hvp_exact_flat, (params, v, x, y)),
     "hvp_fd": (hvp_fd_flat, (params, v, g, x, y)),
   }
-  if "forward_difference" not in parse_list(args.hvps, str):  # not compiled, not needed
+  if "forward_difference" not in parse_list(args.hvps, str):  # not needed
     del timed["hvp_fd"]
+  else:  # the refreshes have their own programs: compile this one outside the timings
+    jax.block_until_ready(hvp_fd_flat(params, v, g, x, y))
   variants = [
     harness.first_run(harness.Variant(name, functools.partial(fn, *fn_args)), log)
     for name, (fn, fn_args) in timed.items()

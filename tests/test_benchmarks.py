@@ -116,3 +116,40 @@ def test_the_step_cost_benchmark_writes_its_section_and_keeps_the_others(tmp_pat
   assert "the cond path traced 1×" in text and "the static path traced 2×" in text
   assert text.index("## Step cost") < text.index("## Another benchmark")
   assert "kept" in text
+
+
+def test_the_tracker_benchmark_without_timing_reports_hvp_counts_and_no_times():
+  from benchmarks import tracker
+
+  result = {
+    "model": "simple_cnn",
+    "batch": 16,
+    "lambda_max": 72.5,
+    "residual": 1.5e-5,
+    "warm_start_cos": 0.115,
+    "cold_power": 16,
+    "cold_lanczos": 8,
+    "warm_power": 3,
+    "warm_lanczos": None,
+    "cos_after_5": {"warm_power": 1.0, "warm_lanczos": 0.98},
+    "max_iters": 40,
+  }
+  meta = {
+    "date": "Sat Dec 05 07:53:57 UTC 2026",
+    "command": "python -m benchmarks.tracker --no-timing",
+    "machine": dict.fromkeys(
+      ("cpu", "cores", "backend", "devices", "jax", "jaxlib", "optax", "flax", "python"), "x"
+    ),
+    "load_start": "1.0 1.0 1.0",
+    "load_end": "1.0 1.0 1.0",
+    "elapsed_s": 60.0,
+  }
+  text = tracker.to_markdown([result], meta, 60, timing=False)
+  (row,) = [line for line in text.splitlines() if line.startswith("| simple_cnn")]
+  cells = "72.5 | 1.5e-05 | 16 | 8 | 0.115 | 3 | >40 | 1.000 / 0.980"
+  assert row == f"| simple_cnn (batch 16) | {cells} |"
+  header = next(line for line in text.splitlines() if line.startswith("| model"))
+  assert header.count("|") == row.count("|") and "HVP / grad" not in header
+  assert "Amortised" not in text and "Times not measured (`--no-timing`)" in text
+  begin, end = report.markers("benchmarks.tracker")
+  assert text.startswith(begin) and end in text

@@ -33,23 +33,69 @@ def test_the_tracking_benchmark_finds_the_top_eigenvector_when_it_converges(tmp_
   # One step: the fixed examples (the first 32 of the shuffled order) are then the very
   # minibatch, so the fixed-examples eigenvector must be the minibatch's.
   argv = ["--steps", "1", "--every", "1", "--batch", "32", "--ref-iters", "25", "--repeats", "1"]
-  argv += ["--trackers", "lanczos", "--hvps", "exact", "--qs", "1,25", "--ps", "1"]
+  argv += ["--trackers", "lanczos,power", "--hvps", "exact", "--qs", "1,25", "--ps", "1"]
   argv += ["--full-examples", "32"]
   assert tracking.main([*argv, "--out", str(out), "--figure", str(tmp_path / "t.png")]) == 0
   text = out.read_text()
   assert "## Tracking quality along training (digits SimpleCNN)" in text
-  rows = {int(r[2]): r for r in _tracking_rows(text)}
-  # A converged Lanczos run agrees with the independent one; a one-step Krylov space is its
-  # start vector, so q = 1 never moves off the random start (|cos| ~ 1/sqrt(n)).
-  assert float(rows[25][4]) > 0.99 and float(rows[25][6]) > 0.99
-  assert float(rows[1][4]) < 0.1
-  assert float(rows[25][7]) > 0.99 and float(rows[1][7]) < 0.1  # |cos| vs the 32 examples
+  rows = {(r[0], int(r[2])): r for r in _tracking_rows(text)}
+  # A converged Lanczos run agrees with the independent one.
+  assert float(rows["lanczos", 25][4]) > 0.99 and float(rows["lanczos", 25][6]) > 0.99
+  assert float(rows["lanczos", 25][7]) > 0.99  # |cos| vs the 32 examples
+  # With q = 1 the library's Lanczos refresh is one power step, as the benchmark's must be (a
+  # one-step Lanczos run would return its random start, |cos| ~ 1/sqrt(n)).
+  assert rows["lanczos", 1][4:] == rows["power", 1][4:]
+  assert float(rows["lanczos", 1][4]) > 0.05
   spread = re.search(
     r"consecutive minibatches have \|cos\| (\d\.\d+).*?32 fixed training examples have (\d\.\d+)",
     text,
   )
   assert spread, text
   assert float(spread[2]) > 0.99 and 0.0 <= float(spread[1]) <= 1.0
+
+
+def test_the_tracking_benchmark_refreshes_as_the_library_does_lanczos_with_one_hvp_included():
+  import itertools
+
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import tracking
+
+  # A quadratic with a known Hessian (eigenvalues 6, 3, 1, -2 in a rotated basis).
+  rng = np.random.default_rng(0)
+  basis, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  hess = basis @ np.diag([6.0, 3.0, 1.0, -2.0]) @ basis.T
+  grad_fn = lambda w: jnp.asarray(hess, jnp.float32) @ w
+  params = jnp.asarray([0.3, -0.2, 0.5, 1.0], jnp.float32)
+  v0 = basis @ np.array([0.1, 0.5, 0.8, 0.3])
+
+  def numpy_refresh(tracker, q):
+    """The library's rule from NumPy: q power steps, or the top Ritz vector of the q-vector
+    Krylov space; one power step for Lanczos with q = 1."""
+    if tracker == "power" or q == 1:
+      v = v0
+      for _ in range(q):
+        v = hess @ v / np.linalg.norm(hess @ v)
+      return v
+    krylov = np.stack([np.linalg.matrix_power(hess, k) @ v0 for k in range(q)], axis=1)
+    orth, _ = np.linalg.qr(krylov)
+    _, ritz = np.linalg.eigh(orth.T @ hess @ orth)
+    return orth @ ritz[:, -1]
+
+  for tracker, method, q in itertools.product(
+    ("power", "lanczos"), ("exact", "forward_difference"), (1, 2, 3)
+  ):
+    got = np.asarray(
+      tracking.library_refresh(grad_fn, params, jnp.asarray(v0, jnp.float32), q, tracker, method),
+      np.float64,
+    )
+    want = numpy_refresh(tracker, q)
+    cos = abs(got @ want) / (np.linalg.norm(got) * np.linalg.norm(want))
+    assert cos > 0.9999, (tracker, method, q, cos)
+  # Lanczos with q = 1 moves: it is not the start vector.
+  start = v0 / np.linalg.norm(v0)
+  assert abs(numpy_refresh("lanczos", 1) @ start) < 0.95
 
 
 def test_the_tracking_benchmark_runs_resnet18_on_cifar_shaped_digits_in_its_own_section(
