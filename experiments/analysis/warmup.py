@@ -7,16 +7,17 @@ experiments/figures/warmup_digits]``
 Every run is the config (digits by default) with ``rho``, ``rho_warmup_epochs`` and ``seed``
 set, trained for its first ``--epochs_run`` epochs of the config's schedule (the learning-rate
 and ρ schedules are those of the full run; ``--epochs_run 0``: the whole run). A run is *on the
-saddle* at an epoch when :func:`experiments.saddle.at_initial_saddle` says so (the epoch's
-``stuck_at_initial_saddle`` in ``metrics.jsonl``). Per (method, ρ, warm-up) the table gives the
-runs still on the saddle at the last epoch run, the epochs they spent there, and the test
-accuracy at that epoch. Resumable: a run directory that already reached ``--epochs_run`` is
+saddle* at an epoch when :func:`experiments.saddle.at_initial_saddle` says so (applied to the
+epoch's training loss and accuracy in ``metrics.jsonl``). Per (method, ρ, warm-up) the table
+gives the runs still on the saddle at the last epoch run, the epochs they spent there, and the
+test accuracy at that epoch. Resumable: a run directory that already reached ``--epochs_run`` is
 read, not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments import saddle
 from experiments.analysis import common
 
 
@@ -42,6 +44,13 @@ def run_one(config_path, method, rho, warmup, seed, args) -> dict[str, Any]:
     train_lib.train(config, workdir, max_epochs_this_run=stop - reached)
     done = common.read_metrics(workdir, "epoch")
   done = [r for r in done if r["epoch"] <= stop]
+  # The rule of experiments.saddle as it is now (not the flags the run wrote, which may be
+  # those of an older rule).
+  classes = num_classes(config.dataset, config.data_dir)
+  flags = [
+    saddle.at_initial_saddle(r["epoch"], r["train_loss"], r["train_accuracy"], classes)
+    for r in done
+  ]
   last = done[-1]
   return {
     "method": method,
@@ -49,11 +58,18 @@ def run_one(config_path, method, rho, warmup, seed, args) -> dict[str, Any]:
     "rho_warmup_epochs": warmup,
     "seed": seed,
     "epochs_run": last["epoch"],
-    "stuck_at_end": bool(last["stuck_at_initial_saddle"]),
-    "epochs_on_saddle": sum(bool(r["stuck_at_initial_saddle"]) for r in done),
+    "stuck_at_end": flags[-1],
+    "epochs_on_saddle": sum(flags),
     "test_accuracy": last.get("test_accuracy"),
     "train_loss": last["train_loss"],
   }
+
+
+@functools.cache
+def num_classes(dataset: str, data_dir: str | None) -> int:
+  from experiments import data as data_lib
+
+  return data_lib.load_dataset(dataset, data_dir=data_dir).num_classes
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
