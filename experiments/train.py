@@ -43,7 +43,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from experiments import data as data_lib
-from experiments import distributed
+from experiments import distributed, saddle
 from experiments import sharding as sharding_lib
 from experiments.configs.base import TrainConfig, config_differences, load_config
 from experiments.models import count_params, get_model, init_model
@@ -580,6 +580,7 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
   record: dict[str, Any] = {}
   lam = float("nan")
   train_seconds = 0.0
+  saddle_warned = False
   for epoch in range(start_epoch, stop_epoch):
     epoch_start = time.time()
     first = first_step if epoch == start_epoch else 0
@@ -621,6 +622,10 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
       "epoch_seconds": epoch_seconds,
       **epoch_means,
     }
+    record["stuck_at_initial_saddle"] = _initial_saddle(
+      config, dataset.num_classes, record, progress, warned=saddle_warned
+    )
+    saddle_warned |= record["stuck_at_initial_saddle"]
     last = epoch + 1 == config.epochs
     if (epoch + 1) % config.eval_every == 0 or last:
       record.update(evaluate(state, dataset, config.batch_size, mesh, split))
@@ -629,14 +634,16 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
       record["lambda_max"] = lam
     run.log(record)
     if progress is not None:
-      progress.set_postfix(
-        {
-          k: f"{record[k]:.3g}"
-          for k in ("train_loss", f"{split}_accuracy", "lambda_max")
-          if k in record
-        },
-        refresh=True,
-      )
+      postfix = {
+        k: f"{record[k]:.3g}"
+        for k in ("train_loss", f"{split}_accuracy", "lambda_max")
+        if k in record
+      }
+      if record["stuck_at_initial_saddle"]:
+        postfix["saddle"] = "STUCK (loss = ln C): " + saddle.remedy(
+          config.optimizer, config.epochs, config.rho_warmup_epochs
+        )
+      progress.set_postfix(postfix, refresh=True)
     if (epoch + 1) % config.checkpoint_every == 0 or last or epoch + 1 == stop_epoch:
       run.save(state, epoch + 1)
   if progress is not None:
@@ -693,6 +700,13 @@ def _summary(
     },
     "final_lambda_max": lam,
     "final_train_loss": record.get("train_loss"),
+    # The last epoch still on the initial saddle (experiments.saddle), and what to change.
+    "stuck_at_initial_saddle": bool(record.get("stuck_at_initial_saddle", False)),
+    "initial_saddle_remedy": (
+      saddle.remedy(config.optimizer, config.epochs, config.rho_warmup_epochs)
+      if record.get("stuck_at_initial_saddle")
+      else None
+    ),
     "num_params": count_params(state.params),
     "wall_seconds_this_run": time.time() - start_time,
     "train_seconds_this_run": train_seconds,
@@ -703,6 +717,27 @@ def _summary(
     "processes": jax.process_count(),
     "mesh": sharding_lib.describe(mesh),
   }
+
+
+def _initial_saddle(
+  config: TrainConfig, num_classes: int, record: dict[str, Any], progress, *, warned: bool
+) -> bool:
+  """:func:`experiments.saddle.at_initial_saddle` for an epoch ``record``; warns once per run.
+
+  The warning (with the remedy) goes to the progress bar, or to stderr without one, in
+  process 0 only.
+  """
+  stuck = saddle.at_initial_saddle(
+    record["epoch"], record["train_loss"], record["train_accuracy"], num_classes
+  )
+  if stuck and not warned and distributed.is_primary():
+    advice = saddle.remedy(config.optimizer, config.epochs, config.rho_warmup_epochs)
+    text = "warning: " + saddle.message(record["epoch"], record["train_loss"], num_classes, advice)
+    if progress is not None:
+      progress.write(text, file=sys.stderr)
+    else:
+      print(text, file=sys.stderr, flush=True)
+  return stuck
 
 
 def _progress(config: TrainConfig, total: int, initial: int):

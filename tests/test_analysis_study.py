@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 
 from experiments.analysis import study
@@ -19,15 +21,118 @@ def test_t_interval_matches_the_t_table_for_five_seeds():
   assert (mean, n) == (3.0, 5)
   assert half == pytest.approx(2.7764 * math.sqrt(2.5) / math.sqrt(5), rel=1e-4)
   assert math.isnan(study.t_interval([0.7])[1])
+  assert study.t_interval([0.7, 0.7, 0.7]) == pytest.approx((0.7, 0.0, 3), abs=1e-12)  # not NaN
 
 
 def test_paired_difference_uses_only_the_common_seeds_and_counts_wins():
   p = study.paired({0: 0.9, 1: 0.8, 2: 0.7, 3: 0.5}, {0: 0.8, 1: 0.8, 2: 0.6})
   assert p["n"] == 3 and (p["wins"], p["ties"], p["losses"]) == (2, 1, 0)
   assert p["mean"] == pytest.approx(0.2 / 3)
-  assert study.verdict({"n": 5, "mean": 0.02, "half": 0.01}) == "win"
-  assert study.verdict({"n": 5, "mean": -0.02, "half": 0.01}) == "loss"
-  assert study.verdict({"n": 5, "mean": 0.02, "half": 0.03}) == "tie"
+  # The paired t test on the common seeds: differences 0.1, 0, 0.1 (mean 1/15, sd 1/sqrt(300)).
+  t = (0.2 / 3) / (math.sqrt(1 / 300) / math.sqrt(3))
+  assert t == pytest.approx(2.0)
+  assert p["p"] == pytest.approx(1 - 2.0 / math.sqrt(2.0**2 + 2))  # closed form for 2 dof
+  assert study.paired({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})["p"] == 1.0  # identical: no difference
+
+
+def test_the_verdict_follows_the_holm_adjusted_p_not_the_raw_one():
+  assert study.verdict({"n": 5, "mean": 0.02, "p": 0.001, "p_holm": 0.008}) == "win"
+  assert study.verdict({"n": 5, "mean": -0.02, "p": 0.001, "p_holm": 0.008}) == "loss"
+  # The old report's one "loss": raw p 0.021 is below 0.05, its Holm p over 8 is not.
+  assert study.verdict({"n": 5, "mean": -0.025, "p": 0.021, "p_holm": 0.17}) == "n.s."
+  assert study.verdict({"n": 1, "mean": 0.02, "p": math.nan, "p_holm": math.nan}) == "n/a"
+
+
+def test_holm_adjustment_matches_a_hand_computation():
+  # Sorted: 0.005 (x4), 0.01 (x3), 0.03 (x2), 0.04 (x1), each a running maximum, capped at 1.
+  assert study.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+  assert study.holm([0.5, 0.3]) == pytest.approx([0.6, 0.6])
+  assert study.holm([0.9, 0.8, 0.7]) == pytest.approx([1.0, 1.0, 1.0])
+  adjusted = study.holm([0.02, math.nan, 0.04])  # a NaN is neither adjusted nor counted
+  assert adjusted[0] == pytest.approx(0.04) and adjusted[2] == pytest.approx(0.04)
+  assert math.isnan(adjusted[1])
+  assert study.holm([]) == []
+
+
+def test_lambda_max_is_summarised_by_median_and_range_not_by_a_mean():
+  # The small regime's SAM values had one run at 4.7: mean ± CI 1.00 ± 2.60 described no run.
+  median, low, high, n = study.median_range([0.05, 4.7, 0.02, 0.13, 0.09])
+  assert (median, low, high, n) == (0.09, 0.02, 4.7, 5)
+  assert study.median_range([1.0, math.nan, 3.0])[:3] == (2.0, 1.0, 3.0)
+  assert math.isnan(study.median_range([])[0])
+
+
+def _rows(stage, regime, method, accuracies, lam=1.0):
+  return [
+    {
+      "stage": stage,
+      "regime": regime,
+      "method": method,
+      "setting": "",
+      "seed": seed,
+      "accuracy": acc,
+      "final_lambda_max": lam + seed,
+      "train_accuracy": 1.0,
+      "train_loss": 0.1,
+      "epochs": 30,
+      "wall_seconds": 1.0,
+      "seconds_per_epoch": 1.0,
+      "lambda_curve": [[30, lam + seed]],
+    }
+    for seed, acc in enumerate(accuracies)
+  ]
+
+
+def test_comparisons_adjust_within_each_family_and_give_equal_compute_no_verdict():
+  rows = [
+    *_rows("test", "noise40", "sgd", [0.70, 0.71, 0.72, 0.69, 0.70]),
+    *_rows("test", "noise40", "sam", [0.90, 0.91, 0.93, 0.92, 0.90]),
+    *_rows("test", "noise40", "eigen_sam", [0.90, 0.91, 0.92, 0.92, 0.91]),
+    *_rows("test", "noise40", "xsam", [0.91, 0.90, 0.93, 0.93, 0.90]),
+    *_rows("compute", "noise40", "sam", [0.77, 0.78, 0.76, 0.79, 0.77]),
+  ]
+  found = study.comparisons(rows, ["noise40"])
+  xsam = [c for c in found if c["family"] == "X-SAM against SAM and Eigen-SAM"]
+  assert [c["b"] for c in xsam] == ["sam", "eigen_sam"]
+  assert [c["p_holm"] for c in xsam] == pytest.approx(study.holm([c["p"] for c in xsam]))
+  (sam_sgd,) = [c for c in found if c["family"] == "SAM against SGD"]
+  assert sam_sgd["p_holm"] == pytest.approx(sam_sgd["p"]) and sam_sgd["verdict"] == "win"
+  (compute,) = [c for c in found if c["family"] is None]
+  assert compute["b"] == "sam (equal compute)" and compute["verdict"] == "–"
+  assert compute["mean"] == pytest.approx(np.mean([0.14, 0.12, 0.17, 0.14, 0.13]))
+
+
+def test_the_saved_study_report_renders_again_from_its_json_with_holm_verdicts(tmp_path):
+  # The committed study (150 runs) is re-rendered from its per-run numbers, training nothing.
+  out = tmp_path / "study"
+  assert (
+    study.main(["--from_json", "experiments/figures/study_digits.json", "--out", str(out)]) == 0
+  )
+  text = (tmp_path / "study.md").read_text()
+  # 60% noise, X-SAM - Eigen-SAM: paired p 0.021, x8 after Holm over X-SAM's 8 comparisons.
+  assert "| noise60 | xsam − eigen_sam | -2.5 ± 1.9 | 5 | 0/0/5 | 0.021 | 0.170 | n.s. |" in text
+  assert "| noise40 | sam − sgd | 22.9 ± 1.2 | 5 | 5/0/0 |" in text and "| win |" in text
+  assert "| loss |" not in text  # no loss survives the adjustment
+  # λ_max as median [range]: SAM's small-set outlier no longer makes a 1.00 ± 2.60.
+  assert "1.00 ± 2.60" not in text
+  assert "| small | sam | rho=0.05 | 90.9 ± 3.9 |" in text
+  saved = json.loads((tmp_path / "study.json").read_text())
+  assert len(saved["runs"]) == 90 and len(saved["tune"]) == 60
+  assert {c["family"] for c in saved["comparisons"]} == {
+    "X-SAM against SAM and Eigen-SAM",
+    "SAM against SGD",
+    None,
+  }
+  assert (tmp_path / "study_acc.png").exists() and (tmp_path / "study.csv").exists()
+
+
+def test_a_validation_fraction_of_zero_is_refused_since_it_would_tune_on_the_test_set(capsys):
+  for bad in ("0", "0.0", "1", "-0.1"):
+    with pytest.raises(SystemExit):
+      args("--validation_fraction", bad)
+    err = capsys.readouterr().err
+    assert "--validation_fraction must be in (0, 1)" in err and "test set" in err
+  assert args("--validation_fraction", "0.1").validation_fraction == 0.1
 
 
 def test_tuning_runs_hold_out_a_validation_split_and_test_runs_do_not():

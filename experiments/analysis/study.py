@@ -4,8 +4,9 @@ r"""The benchmark protocol of issue 9: tuned on validation, tested once, 5 seeds
 experiments/figures/study_digits] [--set k=v ...]`` (``make study``). Resumable: every run is
 one :func:`experiments.train.train` in its own directory, and a finished run is read, not rerun,
 so an interrupted study continues where it stopped when the same command is run again.
-``--report_only`` writes the tables and figures from the runs that exist. ``--workers`` (2)
-runs train at once, each in its own process.
+``--report_only`` writes the tables and figures from the runs that exist; ``--from_json
+<out>.json`` writes them again from a study's saved per-run numbers, without its run
+directories. ``--workers`` (2) runs train at once, each in its own process.
 
 Protocol (defaults; every grid and count is a flag):
 
@@ -27,8 +28,13 @@ Protocol (defaults; every grid and count is a flag):
   ``--seeds`` (5) seeds and is evaluated on the test set (clean labels). The same seed gives
   every method the same label-noise draw, the same training subset and the same init, so
   X-SAM − SAM and X-SAM − Eigen-SAM are *paired* per seed.
-* **Statistics.** Mean ± half-width of the 95% t-interval (n − 1 degrees of freedom) over seeds;
-  for the paired differences, the interval of the per-seed differences.
+* **Statistics** (``scipy.stats``). Accuracy: mean ± half-width of the 95% t-interval
+  (n − 1 degrees of freedom) over seeds. Final λ_max: median and range (it has outliers). Paired
+  differences: the t-interval of the per-seed differences and the two-sided paired t test;
+  the verdict (win/loss/n.s.) uses Holm-adjusted p-values over each family of comparisons
+  (:data:`FAMILIES`: X-SAM against SAM and Eigen-SAM in every regime; SAM against SGD in every
+  regime), so that the chance of any false verdict within a family stays at 5%. The
+  equal-compute rows are descriptive: no test, no verdict.
 * **Equal compute** (``--compute_regimes``): SGD and the tuned SAM again, with their epochs
   multiplied so that they spend X-SAM's gradient evaluations: X-SAM costs 2 gradients + q/p
   Hessian-vector products per step (one HVP counted as one gradient evaluation; it is ~1.5-3×
@@ -55,6 +61,7 @@ import math
 import multiprocessing
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
@@ -200,53 +207,168 @@ def test_and_compute_runs(
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
-  """Mean and half-width of the two-sided t confidence interval (NaN half-width for n < 2)."""
-  xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+  """Mean and half-width of the two-sided t confidence interval (``scipy.stats.t``).
+
+  Args:
+    values: the samples (``None`` and NaN are left out).
+    level: the interval's coverage.
+
+  Returns:
+    ``(mean, half_width, n)``; the half-width is NaN for n < 2, the mean NaN for n = 0.
+  """
+  xs = _finite(values)
   n = len(xs)
   if n == 0:
     return math.nan, math.nan, 0
-  mean = sum(xs) / n
+  mean = float(np.mean(xs))
   if n < 2:
     return mean, math.nan, n
   from scipy import stats
 
-  sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-  return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n
+  # (Not stats.t.interval: it gives NaN for identical values, whose interval is [mean, mean].)
+  return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(stats.sem(xs)), n
+
+
+def median_range(values: Sequence[float]) -> tuple[float, float, float, int]:
+  """``(median, min, max, n)`` of the finite ``values`` (NaNs for none).
+
+  For a quantity with outliers, such as λ_max: one SAM run at 4.7 among 0.02–0.13 makes a
+  mean ± t-interval of 1.00 ± 2.60, which describes no run; the median and range do.
+  """
+  xs = _finite(values)
+  if not xs:
+    return math.nan, math.nan, math.nan, 0
+  return float(np.median(xs)), min(xs), max(xs), len(xs)
+
+
+def _finite(values: Sequence[float]) -> list[float]:
+  return [float(v) for v in values if v is not None and not math.isnan(float(v))]
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
-  """The per-seed differences a − b over the seeds both have: t-interval, wins/ties/losses."""
+  """The per-seed differences a − b over the seeds both have.
+
+  Returns:
+    ``mean``, ``half`` (95% t-interval of the differences), ``n``, ``p`` (two-sided paired t
+    test, ``scipy.stats.ttest_rel``; 1 when every difference is 0, NaN for n < 2) and the
+    counts ``wins``/``ties``/``losses``.
+  """
+  from scipy import stats
+
   seeds = sorted(set(a) & set(b))
   diffs = [a[s] - b[s] for s in seeds]
   mean, half, n = t_interval(diffs)
+  if n < 2:
+    p = math.nan
+  elif all(abs(d) <= 1e-12 for d in diffs):
+    p = 1.0
+  else:
+    with warnings.catch_warnings():  # "nearly identical data": the test is still defined
+      warnings.simplefilter("ignore", RuntimeWarning)
+      p = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
   return {
     "mean": mean,
     "half": half,
     "n": n,
+    "p": p,
     "wins": sum(d > 1e-9 for d in diffs),
     "ties": sum(abs(d) <= 1e-9 for d in diffs),
     "losses": sum(d < -1e-9 for d in diffs),
   }
 
 
-def verdict(p: dict[str, Any]) -> str:
-  """``win``/``loss`` when the 95% interval of the paired difference excludes 0, else ``tie``."""
-  if p["n"] < 2 or math.isnan(p["half"]):
+def holm(pvalues: Sequence[float]) -> list[float]:
+  r"""Holm's step-down adjusted p-values of one family of tests (NaNs stay NaN, uncounted).
+
+  With the :math:`m` finite p-values sorted, :math:`p_{(1)} \le \dots \le p_{(m)}`:
+  :math:`\tilde p_{(i)} = \max_{j \le i} \min(1, (m - j + 1)\, p_{(j)})`. Rejecting where
+  :math:`\tilde p < 0.05` keeps the family-wise error rate at 5% (Holm, "A simple sequentially
+  rejective multiple test procedure", 1979).
+
+  Args:
+    pvalues: the family's raw p-values, in any order.
+
+  Returns:
+    The adjusted p-values, in the order of ``pvalues``.
+  """
+  finite = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+  m = len(finite)
+  adjusted = [math.nan] * len(pvalues)
+  running = 0.0
+  for j, (p, i) in enumerate(finite):
+    running = max(running, min(1.0, (m - j) * p))
+    adjusted[i] = running
+  return adjusted
+
+
+def verdict(p: dict[str, Any], level: float = 0.05) -> str:
+  """``win``/``loss`` when the Holm-adjusted p (``p["p_holm"]``) is below ``level``, else
+  ``n.s.`` (no difference shown; not a proof of equality); ``n/a`` without a test."""
+  adjusted = p.get("p_holm", math.nan)
+  if p["n"] < 2 or math.isnan(adjusted):
     return "n/a"
-  if p["mean"] - p["half"] > 0:
-    return "win"
-  if p["mean"] + p["half"] < 0:
-    return "loss"
-  return "tie"
+  if adjusted >= level:
+    return "n.s."
+  return "win" if p["mean"] > 0 else "loss"
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-  """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points."""
+# The paired comparisons with a verdict, by family: Holm's adjustment runs over each family's
+# comparisons in every regime. X-SAM is the method under study, so its comparisons with the
+# other sharpness-aware methods form one family; SAM against SGD (the size of the effect all of
+# them build on) is another. The equal-compute rows get no verdict: they compare schedules of
+# different lengths, not methods.
+FAMILIES = {
+  "X-SAM against SAM and Eigen-SAM": (
+    ("test", "xsam", "test", "sam"),
+    ("test", "xsam", "test", "eigen_sam"),
+  ),
+  "SAM against SGD": (("test", "sam", "test", "sgd"),),
+}
+EQUAL_COMPUTE = (("test", "xsam", "compute", "sam"), ("test", "xsam", "compute", "sgd"))
+
+
+def comparisons(rows: Sequence[dict[str, Any]], regimes: Sequence[str]) -> list[dict[str, Any]]:
+  """Every paired comparison of the report, with its family's Holm-adjusted p and verdict.
+
+  Returns:
+    One dict per (family, regime, comparison) with data, in report order: ``family``
+    (``None`` for the equal-compute rows, which get no test), ``regime``, ``a``, ``b`` (labels),
+    the fields of :func:`paired`, ``p_holm`` and ``verdict``.
+  """
+  by: dict[tuple[str, str, str], dict[int, float]] = {}
+  for r in rows:
+    by.setdefault((r["stage"], r["regime"], r["method"]), {})[r["seed"]] = r["accuracy"]
+  out = []
+  groups = [*FAMILIES.items(), (None, EQUAL_COMPUTE)]
+  for family, pairs in groups:
+    members = []
+    for regime in regimes:
+      for sa, ma, sb, mb in pairs:
+        a, b = by.get((sa, regime, ma)), by.get((sb, regime, mb))
+        if not a or not b:
+          continue
+        label_b = mb if sb == "test" else f"{mb} (equal compute)"
+        members.append({"family": family, "regime": regime, "a": ma, "b": label_b, **paired(a, b)})
+    if family is not None:
+      for c, adjusted in zip(members, holm([c["p"] for c in members]), strict=True):
+        c["p_holm"] = adjusted
+        c["verdict"] = verdict(c)
+    else:
+      for c in members:
+        c["p"], c["p_holm"], c["verdict"] = math.nan, math.nan, "–"
+    out += members
+  return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+  """Spearman's rank correlation (average ranks for ties) and its two-sided p-value
+  (``scipy.stats.spearmanr``); NaNs for fewer than 3 points."""
   if len(x) < 3:
-    return math.nan
+    return math.nan, math.nan
   from scipy import stats
 
-  return float(stats.spearmanr(x, y).statistic)
+  rho, p = stats.spearmanr(x, y)
+  return float(rho), float(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +493,18 @@ def _fmt(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str
   return f"{scale * mean:.{digits}f} ± {scale * half:.{digits}f}"
 
 
+def _fmt_range(median: float, low: float, high: float) -> str:
+  if math.isnan(median):
+    return "–"
+  return f"{median:.2f} [{low:.2f}–{high:.2f}]"
+
+
+def _fmt_p(p: float) -> str:
+  if math.isnan(p):
+    return "–"
+  return f"{p:.3f}" if p >= 0.01 else f"{p:.1e}"
+
+
 def report(
   tune_rows: Sequence[dict[str, Any]],
   rows: Sequence[dict[str, Any]],
@@ -391,7 +525,12 @@ def report(
     lines.append(
       f"| {regime} | {method} | {setting} | {100 * np.mean(accs):.1f} | {len(accs)} | {chosen} |"
     )
-  lines += ["", "### Test (clean test accuracy %, mean ± 95% t-interval over seeds)", ""]
+  lines += [
+    "",
+    "### Test (clean test accuracy %, mean ± 95% t-interval over seeds; final λ_max median "
+    "[min–max])",
+    "",
+  ]
   lines += [
     "| regime | method | setting | test acc | final λ_max | train acc (noisy labels) | n "
     "| s/epoch |",
@@ -407,52 +546,68 @@ def report(
         if not group:
           continue
         acc = t_interval([r["accuracy"] for r in group])
-        lam = t_interval([r["final_lambda_max"] for r in group])
+        lam = median_range([r["final_lambda_max"] for r in group])
         tr = t_interval([r["train_accuracy"] for r in group])
         spe = float(np.median([r["seconds_per_epoch"] for r in group]))
         name = method if stage == "test" else f"{method}, equal compute ({group[0]['epochs']} ep)"
         lines.append(
           f"| {regime} | {name} | {group[0]['setting'] or '–'} | {_fmt(*acc[:2])} | "
-          f"{_fmt(*lam[:2], scale=1.0, digits=2)} | {_fmt(*tr[:2])} | {acc[2]} | {spe:.2f} |"
+          f"{_fmt_range(*lam[:3])} | {_fmt(*tr[:2])} | {acc[2]} | {spe:.2f} |"
         )
-  lines += ["", "### Paired differences (test accuracy points, same seeds; 95% t-interval)", ""]
-  lines += ["| regime | comparison | difference | n | wins/ties/losses | verdict |"]
-  lines += ["|---|---|---|---|---|---|"]
-  pairs = [
-    ("test", "xsam", "test", "sam"),
-    ("test", "xsam", "test", "eigen_sam"),
-    ("test", "sam", "test", "sgd"),
-    ("test", "xsam", "compute", "sam"),
-    ("test", "xsam", "compute", "sgd"),
+  found = comparisons(rows, args.regimes)
+  lines += [
+    "",
+    "### Paired differences (test accuracy points, same seeds)",
+    "",
+    "Difference: mean ± 95% t-interval of the per-seed differences (not adjusted). p: two-sided "
+    "paired t test. Holm p: adjusted by Holm's method over the comparisons of the same family, "
+    "in every regime (family-wise error 5%). Verdict: win or loss when the Holm p < 0.05, "
+    "else n.s. (no difference shown, which is not a proof of equality).",
   ]
-  for regime in args.regimes:
-    for sa, ma, sb, mb in pairs:
-      a = {r["seed"]: r["accuracy"] for r in by.get((sa, regime, ma), [])}
-      b = {r["seed"]: r["accuracy"] for r in by.get((sb, regime, mb), [])}
-      if not a or not b:
-        continue
-      p = paired(a, b)
-      label_b = mb if sb == "test" else f"{mb} (equal compute)"
+  for family in FAMILIES:
+    members = [c for c in found if c["family"] == family]
+    if not members:
+      continue
+    lines += ["", f"Family: **{family}** ({len(members)} comparisons).", ""]
+    lines += ["| regime | comparison | difference | n | wins/ties/losses | p | Holm p | verdict |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for c in members:
       lines.append(
-        f"| {regime} | {ma} − {label_b} | {_fmt(p['mean'], p['half'])} | {p['n']} | "
-        f"{p['wins']}/{p['ties']}/{p['losses']} | {verdict(p)} |"
+        f"| {c['regime']} | {c['a']} − {c['b']} | {_fmt(c['mean'], c['half'])} | {c['n']} | "
+        f"{c['wins']}/{c['ties']}/{c['losses']} | {_fmt_p(c['p'])} | {_fmt_p(c['p_holm'])} | "
+        f"{c['verdict']} |"
+      )
+  compute = [c for c in found if c["family"] is None]
+  if compute:
+    lines += [
+      "",
+      "Equal compute (descriptive, no test and no verdict: the other side trains a longer "
+      "schedule, so the difference measures schedules, not methods).",
+      "",
+      "| regime | comparison | difference | n | wins/ties/losses |",
+      "|---|---|---|---|---|",
+    ]
+    for c in compute:
+      lines.append(
+        f"| {c['regime']} | {c['a']} − {c['b']} | {_fmt(c['mean'], c['half'])} | {c['n']} | "
+        f"{c['wins']}/{c['ties']}/{c['losses']} |"
       )
   lines += ["", "### Does lower final λ_max go with higher test accuracy? (test runs)", ""]
   lines += [
     "SGD ends far sharper and worse than every SAM-type method under label noise, so the "
     "correlation over all runs mostly contrasts SGD with the rest; the last columns leave SGD "
-    "out.",
+    "out. p: the two-sided test of no correlation (not adjusted).",
     "",
-    "| regime | Spearman(λ_max, acc), all runs | runs | without SGD | runs |",
-    "|---|---|---|---|---|",
+    "| regime | Spearman(λ_max, acc), all runs | p | runs | without SGD | p | runs |",
+    "|---|---|---|---|---|---|---|",
   ]
   for regime in args.regimes:
     group = [r for r in rows if r["stage"] == "test" and r["regime"] == regime]
     family = [r for r in group if r["method"] != "sgd"]
     cells = []
     for runs in (group, family):
-      rho_s = spearman([r["final_lambda_max"] for r in runs], [r["accuracy"] for r in runs])
-      cells.append(f"{rho_s:.2f} | {len(runs)}")
+      rho_s, p = spearman([r["final_lambda_max"] for r in runs], [r["accuracy"] for r in runs])
+      cells.append(f"{rho_s:.2f} | {_fmt_p(p)} | {len(runs)}")
     lines.append(f"| {regime} | {' | '.join(cells)} |")
   return "\n".join(lines) + "\n"
 
@@ -549,9 +704,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--workers", type=int, default=2, help="runs trained at once, each in its own process"
   )
   parser.add_argument("--report_only", action="store_true")
+  parser.add_argument(
+    "--from_json",
+    default=None,
+    metavar="FILE",
+    help="write the report again from a study's saved <out>.json (no run directories needed)",
+  )
   args = parser.parse_args(argv)
   if args.workers < 1:
     parser.error(f"--workers must be >= 1 (1 trains in this process), got {args.workers}")
+  if not 0.0 < args.validation_fraction < 1.0:
+    parser.error(
+      f"--validation_fraction must be in (0, 1), got {args.validation_fraction}: the tuning "
+      "runs hold out this fraction of the training set and are scored on it; with 0 they "
+      "would be scored on the test set, so the test set would choose the settings. Use, e.g., "
+      "the default 0.2"
+    )
   for name in ("regimes", "methods", "tune_regimes", "compute_regimes"):
     setattr(args, name, common.parse_list(getattr(args, name)))
   for name in ("seeds", "tune_seeds"):
@@ -576,6 +744,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.from_json is not None:
+    print(render_from_json(args.from_json, args.out))
+    return 0
   common.enable_compilation_cache(args.jax_cache)
   args.overrides = [*STUDY_OVERRIDES, *args.overrides]
   xsam_cost = xsam_grads_per_step(common.make_config(args.config, "xsam", args.overrides))
@@ -608,16 +779,59 @@ def main(argv: Sequence[str] | None = None) -> int:
       runs = [r for r in runs if (Path(args.root) / r.name / "summary.json").exists()]
     print(f"== {regime}: test and equal-compute, {len(runs)} runs", flush=True)
     rows += run_all(runs, args, log=lambda s: print(s, flush=True))
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  text = report(tune_rows, rows, choice, args)
-  Path(f"{args.out}.md").write_text(text)
-  common.write_csv(f"{args.out}.csv", [*tune_rows, *rows])
-  Path(f"{args.out}.json").write_text(
-    json.dumps({"args": vars(args), "tune": tune_rows, "runs": rows}, indent=1, default=str)
-  )
-  plot(rows, args, args.out)
-  print("\n" + text)
+  print("\n" + write_outputs(tune_rows, rows, choice, args, args.out))
   return 0
+
+
+def write_outputs(
+  tune_rows: Sequence[dict[str, Any]],
+  rows: Sequence[dict[str, Any]],
+  choice: dict,
+  args: argparse.Namespace,
+  out: str,
+) -> str:
+  """Writes ``<out>.md``, ``.csv``, ``.json`` and the two figures; returns the Markdown.
+
+  The JSON holds everything the report is made of (``args``, the ``tune`` and ``runs`` rows
+  with their per-seed numbers) and, for reading, the ``comparisons`` with their p-values, so
+  :func:`render_from_json` can write the report again without the run directories.
+  """
+  Path(out).parent.mkdir(parents=True, exist_ok=True)
+  text = report(tune_rows, rows, choice, args)
+  Path(f"{out}.md").write_text(text)
+  common.write_csv(f"{out}.csv", [*tune_rows, *rows])
+  saved = {k: v for k, v in vars(args).items() if k != "from_json"}
+  found = comparisons(rows, args.regimes)
+  Path(f"{out}.json").write_text(
+    json.dumps(
+      {"args": saved, "tune": list(tune_rows), "runs": list(rows), "comparisons": found},
+      indent=1,
+      default=str,
+    )
+  )
+  plot(rows, args, out)
+  return text
+
+
+def render_from_json(path: str | Path, out: str) -> str:
+  """Writes the report of a saved study (its ``<out>.json``) again, training nothing.
+
+  The tables, CSV, JSON and figures come from the per-run rows the JSON holds, with the
+  study's saved arguments (regimes, methods, grids); the tuning choice is recomputed from the
+  tuning rows by :func:`choose`, as the study made it.
+
+  Args:
+    path: a JSON file written by this script.
+    out: the output prefix (may be the JSON's own: it is read before anything is written).
+
+  Returns:
+    The Markdown report.
+  """
+  saved = json.loads(Path(path).read_text())
+  args = argparse.Namespace(**saved["args"])
+  args.out = out
+  choice = choose(saved["tune"], tune_runs(args))
+  return write_outputs(saved["tune"], saved["runs"], choice, args, out)
 
 
 def _only(args: argparse.Namespace, regime: str) -> argparse.Namespace:
