@@ -17,7 +17,7 @@ def test_refresh_eigenvector_updates_every_tracking_state_inside_a_chain(quadrat
   tx = optax.chain(xsam_jax.xsam(), xsam_jax.eigen_sam(), optax.sgd(0.1))
   state = tx.init(quadratic.params)
   state = xsam_jax.refresh_eigenvector(
-    state, quadratic.params, jax.grad(quadratic.loss), power_iters=60
+    state, quadratic.params, jax.grad(quadratic.loss), num_iters=60
   )
   for sub in state[:2]:
     assert abs(quadratic.flat(sub.eigvec) @ v) > 0.9999
@@ -27,12 +27,10 @@ def test_refresh_eigenvector_updates_every_tracking_state_inside_a_chain(quadrat
 
 def test_refresh_eigenvector_under_jit_and_inject_hyperparams(quadratic):
   lam, _ = quadratic.top_eigvec()
-  tx = optax.inject_hyperparams(xsam_jax.xsam, static_args=("refresh_every", "power_iters"))(
-    rho=0.1
-  )
+  tx = optax.inject_hyperparams(xsam_jax.xsam, static_args=("refresh_every", "num_iters"))(rho=0.1)
   refresh = jax.jit(
     lambda s: xsam_jax.refresh_eigenvector(
-      s, quadratic.params, jax.grad(quadratic.loss), power_iters=60, unroll=False
+      s, quadratic.params, jax.grad(quadratic.loss), num_iters=60, unroll=False
     )
   )
   state = refresh(tx.init(quadratic.params))
@@ -43,8 +41,8 @@ def test_refresh_eigenvector_rejects_a_state_without_eigenvector(quadratic):
   state = optax.chain(xsam_jax.sam(), optax.sgd(0.1)).init(quadratic.params)
   with pytest.raises(ValueError, match="no eigenvector"):
     xsam_jax.refresh_eigenvector(state, quadratic.params, jax.grad(quadratic.loss))
-  with pytest.raises(ValueError, match="power_iters"):
-    xsam_jax.refresh_eigenvector(state, quadratic.params, jax.grad(quadratic.loss), power_iters=0)
+  with pytest.raises(ValueError, match="num_iters"):
+    xsam_jax.refresh_eigenvector(state, quadratic.params, jax.grad(quadratic.loss), num_iters=0)
 
 
 def test_is_due_matches_the_in_step_schedule():
@@ -63,7 +61,7 @@ def test_lanczos_tracker_beats_power_iteration_for_the_same_hvp_count(tiny_mlp):
   w, _ = np.linalg.eigh(tiny_mlp.dense_hessian(params))
   cos = {}
   for tracker in ("power", "lanczos"):
-    tx = xsam_jax.xsam(power_iters=8, tracker=tracker)
+    tx = xsam_jax.xsam(num_iters=8, solver=tracker)
     _, state = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(tiny_mlp.loss))
     cos[tracker] = _cos_to_dense_top(tiny_mlp, state.eigvec)
     if tracker == "lanczos":
@@ -77,7 +75,7 @@ def test_lanczos_tracker_beats_power_iteration_for_the_same_hvp_count(tiny_mlp):
 def test_lanczos_tracker_static_and_traced_paths_agree(tiny_mlp):
   params = tiny_mlp.params
   grads = jax.grad(tiny_mlp.loss)(params)
-  tx = xsam_jax.eigen_sam(power_iters=4, tracker="lanczos")
+  tx = xsam_jax.eigen_sam(num_iters=4, solver="lanczos")
   out = {}
   for refresh in (None, True):
     out[refresh] = jax.jit(
@@ -94,16 +92,16 @@ def test_refresh_eigenvector_accepts_the_lanczos_tracker(tiny_mlp):
     tx.init(tiny_mlp.params),
     tiny_mlp.params,
     jax.grad(tiny_mlp.loss),
-    power_iters=10,
-    tracker="lanczos",
+    num_iters=10,
+    solver="lanczos",
   )
   assert _cos_to_dense_top(tiny_mlp, state.eigvec) > 0.999
 
 
 def test_unknown_tracker_raises_value_error():
   for make in (xsam_jax.xsam, xsam_jax.eigen_sam):
-    with pytest.raises(ValueError, match="tracker"):
-      make(tracker="oja")
+    with pytest.raises(ValueError, match="solver"):
+      make(solver="oja")
 
 
 @pytest.mark.parametrize("tracker", ["power", "lanczos"])
@@ -112,7 +110,7 @@ def test_refreshed_eigenvector_has_exactly_unit_length(tracker, scale):
   # Dividing by ||Hv|| + eps would leave it 0.1% short at scale 1e-9.
   loss = lambda w: 0.5 * scale * jnp.sum(jnp.array([4.0, 1.0, 0.5]) * w**2)
   params = jnp.ones(3)
-  tx = xsam_jax.xsam(power_iters=3, tracker=tracker)
+  tx = xsam_jax.xsam(num_iters=3, solver=tracker)
   _, state = tx.update(jax.grad(loss)(params), tx.init(params), params, grad_fn=jax.grad(loss))
   np.testing.assert_allclose(optax.tree.norm(state.eigvec), 1.0, rtol=1e-6)
   np.testing.assert_allclose(state.eigval / scale, 4.0, rtol=0.2)
@@ -121,7 +119,7 @@ def test_refreshed_eigenvector_has_exactly_unit_length(tracker, scale):
 def test_eigenvector_is_kept_unchanged_when_the_hessian_product_is_below_eps():
   loss = lambda w: 0.5 * 1e-14 * jnp.sum(w**2)  # ||Hv|| = 1e-14 < eps = 1e-12
   params = jnp.ones(3)
-  tx = xsam_jax.xsam(power_iters=3)
+  tx = xsam_jax.xsam(num_iters=3)
   state0 = tx.init(params)
   _, state = tx.update(jax.grad(loss)(params), state0, params, grad_fn=jax.grad(loss))
   np.testing.assert_array_equal(state.eigvec, state0.eigvec)
@@ -134,7 +132,7 @@ def test_power_tracker_follows_largest_magnitude_and_lanczos_largest_algebraic()
   params = jnp.array([0.3, -0.2, 0.5, 1.0])
   grads = jax.grad(loss)(params)
   for tracker, iters, want_val, want_axis in [("power", 60, -5.0, 0), ("lanczos", 4, 2.0, 1)]:
-    tx = xsam_jax.xsam(power_iters=iters, tracker=tracker)
+    tx = xsam_jax.xsam(num_iters=iters, solver=tracker)
     _, state = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(loss))
     np.testing.assert_allclose(state.eigval, want_val, rtol=1e-4)
     np.testing.assert_allclose(abs(state.eigvec[want_axis]), 1.0, rtol=1e-4)
@@ -158,7 +156,7 @@ def test_a_nan_batch_on_a_refresh_step_keeps_the_previous_eigenvector_and_says_s
   name, tracker, hvp_method, quadratic
 ):
   loss = _batch_loss(quadratic)
-  tx = MAKERS[name](refresh_every=1, power_iters=3, tracker=tracker, hvp_method=hvp_method)
+  tx = MAKERS[name](refresh_every=1, num_iters=3, solver=tracker, hvp_method=hvp_method)
 
   @jax.jit
   def step(state, b):
@@ -179,7 +177,7 @@ def test_a_nan_batch_on_a_refresh_step_keeps_the_previous_eigenvector_and_says_s
 def test_a_nan_eigenvector_gradient_keeps_the_previous_pair_and_the_update_finite(
   name, hvp_method, quadratic
 ):
-  tx = MAKERS[name](refresh_every=1, power_iters=3, hvp_method=hvp_method)
+  tx = MAKERS[name](refresh_every=1, num_iters=3, hvp_method=hvp_method)
   grad_fn = jax.grad(quadratic.loss)
   nan_fn = lambda p: jax.tree.map(lambda g: g * jnp.nan, grad_fn(p))
   params = quadratic.params
@@ -253,7 +251,7 @@ def test_a_guard_after_the_method_recovers_from_a_nan_batch_as_if_it_were_skippe
   loss = _batch_loss(quadratic)
   batches = [1.0, 0.8, jnp.nan, 1.2, 0.9, 1.1]
   tx = optax.chain(
-    MAKERS[name](rho=0.05, alpha=0.2, refresh_every=1, power_iters=2, hvp_method=hvp_method),
+    MAKERS[name](rho=0.05, alpha=0.2, refresh_every=1, num_iters=2, hvp_method=hvp_method),
     guard(),
   )
   got, state = _train(tx, loss, quadratic.params, batches)

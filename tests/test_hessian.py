@@ -308,7 +308,7 @@ def test_lanczos_top_k_matches_dense_eigh_on_tiny_mlp():
 def test_power_top_k_matches_dense_largest_magnitude_pairs_on_tiny_mlp():
   mlp = _mlp()
   eigvals, eigvecs = _run(
-    lambda v: hessian.top_k_eigenpairs(mlp.hvp_fn, v, 3, method="power", num_iters=300),
+    lambda v: hessian.top_k_eigenpairs(mlp.hvp_fn, v, 3, solver="power", num_iters=300),
     mlp.random_tree(9),
   )
   by_magnitude = np.argsort(-np.abs(mlp.eigvals))[:3]
@@ -328,7 +328,7 @@ def test_top_k_matches_a_dense_operator_with_gaps(method):
   v0 = optax.tree.random_like(jax.random.key(0), like)
   num_iters = {"lanczos": 7, "power": 150}[method]  # Lanczos: fewer steps than dimensions
   eigvals, eigvecs = _run(
-    lambda v: hessian.top_k_eigenpairs(hvp_fn, v, 3, method=method, num_iters=num_iters), v0
+    lambda v: hessian.top_k_eigenpairs(hvp_fn, v, 3, solver=method, num_iters=num_iters), v0
   )
   np.testing.assert_allclose(eigvals, spectrum[:3], rtol=1e-4)
   vecs = _rows(eigvecs)
@@ -342,7 +342,7 @@ def test_power_finds_largest_magnitude_while_lanczos_finds_largest_algebraic():
   v0 = optax.tree.random_like(jax.random.key(1), like)
   power_vals, lanczos_vals = _run(
     lambda v: (
-      hessian.top_k_eigenpairs(hvp_fn, v, 2, method="power", num_iters=200)[0],
+      hessian.top_k_eigenpairs(hvp_fn, v, 2, solver="power", num_iters=200)[0],
       hessian.top_k_eigenpairs(hvp_fn, v, 2)[0],
     ),
     v0,
@@ -516,7 +516,7 @@ def test_everything_jits_with_traced_params_and_compiles_once():
     hvp_fn = lambda v: hessian.hvp(grad_fn, params, v)
     return {
       "lanczos": hessian.top_eigenvalue(grad_fn, params, key, num_iters=20),
-      "power": hessian.top_eigenvalue(grad_fn, params, key, num_iters=200, method="power"),
+      "power": hessian.top_eigenvalue(grad_fn, params, key, num_iters=200, solver="power"),
       "trace": hessian.hutchinson_trace(hvp_fn, params, key, 2)[0],
     }
 
@@ -536,7 +536,7 @@ def test_jit_with_static_argnames_compiles_once_per_structure():
   @functools.partial(jax.jit, static_argnames=("k", "num_iters", "method"))
   @chex.assert_max_traces(n=1)
   def top_k(v0, *, k, num_iters, method):
-    return hessian.top_k_eigenpairs(hvp_fn, v0, k, num_iters=num_iters, method=method)
+    return hessian.top_k_eigenpairs(hvp_fn, v0, k, num_iters=num_iters, solver=method)
 
   for seed in range(3):
     v0 = optax.tree.random_like(jax.random.key(seed), like)
@@ -550,9 +550,9 @@ def test_jit_with_static_argnames_compiles_once_per_structure():
     ({"k": 0}, "`k`"),
     ({"k": 27}, "`k`"),
     ({"k": 2.0}, "`k`"),
-    ({"k": 2, "method": "arnoldi"}, r"`method` must be one of \('lanczos', 'power'\)"),
+    ({"k": 2, "solver": "arnoldi"}, r"`solver` must be one of \('lanczos', 'power'\)"),
     ({"k": 3, "num_iters": 2}, "`num_iters`"),
-    ({"k": 1, "method": "power", "num_iters": 0}, "`num_iters`"),
+    ({"k": 1, "solver": "power", "num_iters": 0}, "`num_iters`"),
   ],
 )
 def test_top_k_rejects_invalid_arguments(kwargs, match):
@@ -572,8 +572,8 @@ def test_other_routines_reject_invalid_arguments():
     hessian.hutchinson_trace(mlp.hvp_fn, mlp.params, key, 0)
   with pytest.raises(ValueError, match="`num_samples`"):
     hessian.slq_nodes_and_weights(mlp.hvp_fn, mlp.params, key, num_samples=0)
-  with pytest.raises(ValueError, match="`method`"):
-    hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, method="eigh")
+  with pytest.raises(ValueError, match="`solver`"):
+    hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, solver="eigh")
   with pytest.raises(ValueError, match="`sigma` must be > 0"):
     hessian.spectral_density(mlp.hvp_fn, mlp.params, key, sigma=0.0)
   with pytest.raises(ValueError, match="`num_points`"):
