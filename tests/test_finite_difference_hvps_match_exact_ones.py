@@ -215,8 +215,9 @@ def test_out_of_step_refresh_computes_one_base_gradient_for_every_state(quadrati
   q = 4
   tx = optax.chain(xsam_jax.xsam(), xsam_jax.eigen_sam(), optax.sgd(0.1))
   grad_fn = _Counter(quadratic.loss)
+  # unroll=True: every HVP is its own call (a fori_loop would trace its body once).
   state = xsam_jax.refresh_eigenvector(
-    tx.init(quadratic.params), quadratic.params, grad_fn, num_iters=q, hvp_method=FD
+    tx.init(quadratic.params), quadratic.params, grad_fn, num_iters=q, hvp_method=FD, unroll=True
   )
   assert grad_fn.calls == 2 * q + 1
   exact = xsam_jax.refresh_eigenvector(

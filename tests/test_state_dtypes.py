@@ -106,3 +106,21 @@ def test_float64_refresh_on_the_cond_path_keeps_a_float64_eigenvalue():
     )
     assert state.eigval.dtype == jnp.float64 and state.eigvec.dtype == jnp.float64
     np.testing.assert_allclose(state.eigval, 4.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sam", "eigen_sam", "xsam"])
+def test_a_fresh_state_holds_one_buffer_per_field_so_it_can_be_donated(name):
+  # init used to put one zero array in every scalar field: donating that state to a jitted
+  # step raised "Attempt to donate the same buffer twice".
+  tx = optax.chain(METHODS[name](), optax.adamw(0.1))
+  params = _params("float32")
+  state = tx.init(params)
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+  assert len(set(pointers)) == len(pointers)
+  step = jax.jit(
+    lambda s, p: tx.update(jax.grad(_loss)(p), s, p, grad_fn=jax.grad(_loss))[1],
+    donate_argnums=(0,),
+  )
+  for _ in range(2):
+    state = step(state, params)
+  assert int(state[0].count) == 2

@@ -266,18 +266,19 @@ def eigen_sam(
   settings = make_settings(solver, num_iters, hvp_method, eps, key)
 
   def init_fn(params: PyTree) -> EigenSAMState:
-    zero = jnp.zeros((), scalar_dtype(params))
+    # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
+    dtype = scalar_dtype(params)
     state = EigenSAMState(
       count=jnp.zeros((), jnp.int32),
       eigvec=init_eigvec(params, key, "xsam_jax.eigen_sam"),
-      eigval=zero,
-      cos=zero,
-      grad_norm=zero,
-      perturbation_norm=zero,
-      adv_grad_norm=zero,
-      ascent_curvature=zero,
+      eigval=jnp.zeros((), dtype),
+      cos=jnp.zeros((), dtype),
+      grad_norm=jnp.zeros((), dtype),
+      perturbation_norm=jnp.zeros((), dtype),
+      adv_grad_norm=jnp.zeros((), dtype),
+      ascent_curvature=jnp.zeros((), dtype),
       skipped_refreshes=jnp.zeros((), jnp.int32),
-      base_grad_mismatch=zero,
+      base_grad_mismatch=jnp.zeros((), dtype),
       settings=settings,
     )
     return place_state(state, params, state.eigvec)

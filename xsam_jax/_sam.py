@@ -189,13 +189,14 @@ def sam(
   method = "xsam_jax.asam" if adaptive else "xsam_jax.sam"
 
   def init_fn(params: PyTree) -> SAMState:
-    zero = jnp.zeros((), scalar_dtype(params))
+    # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
+    dtype = scalar_dtype(params)
     state = SAMState(
       count=jnp.zeros((), jnp.int32),
-      grad_norm=zero,
-      perturbation_norm=zero,
-      adv_grad_norm=zero,
-      ascent_curvature=zero,
+      grad_norm=jnp.zeros((), dtype),
+      perturbation_norm=jnp.zeros((), dtype),
+      adv_grad_norm=jnp.zeros((), dtype),
+      ascent_curvature=jnp.zeros((), dtype),
     )
     return place_state(state, params)
 
