@@ -11,7 +11,7 @@ training, so the Hessian is that of the training loss of the minibatch) with SAM
 that one trajectory, every tracker setting keeps its own cached vector and refreshes it every
 ``p`` steps with ``q`` warm-started HVPs on the step's minibatch, exactly as the library's
 refresh does: power iteration (``hessian.power_iteration``, the papers' tracker) or an
-``q``-step Lanczos run returning the top Ritz vector (``tracker="lanczos"``), with exact
+``q``-step Lanczos run returning the top Ritz vector (``solver="lanczos"``), with exact
 (forward-over-reverse) or finite-difference HVPs (one gradient each; the base gradient is the
 step's clean gradient, free when the HVP loss is the training loss, as here). A third tracker,
 not in the library, is measured here as a candidate: ``"averaged"``, power steps on a running

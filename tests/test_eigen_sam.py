@@ -45,6 +45,10 @@ def test_perturbation_is_tilted_towards_eigvec_as_in_official_code(quadratic):
   # Not renormalised: |eps| = rho * sqrt(1 + alpha^2 (1 - cos^2)).
   c = float(state.cos)
   np.testing.assert_allclose(np.linalg.norm(e), 0.3 * np.sqrt(1 + 0.25 * (1 - c * c)), rtol=1e-6)
+  # The same norms as every method's state: ||g||, ||epsilon||, ||g_adv||.
+  np.testing.assert_allclose(state.grad_norm, np.linalg.norm(g), rtol=1e-5)
+  np.testing.assert_allclose(state.perturbation_norm, np.linalg.norm(e), rtol=1e-5)
+  np.testing.assert_allclose(state.adv_grad_norm, np.linalg.norm(expected), rtol=1e-5)
 
 
 def test_alpha_zero_reduces_to_sam_exactly(tiny_mlp):

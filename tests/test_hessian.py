@@ -625,3 +625,23 @@ def test_a_zero_size_leaf_next_to_non_empty_ones_changes_no_estimate():
   np.testing.assert_allclose(got[2], [4.0, 2.0], rtol=1e-5)
   np.testing.assert_allclose(got[3], 4.0, rtol=1e-5)
   np.testing.assert_allclose(got[4], 7.0, rtol=1e-5)  # diagonal: exact
+
+
+def test_method_is_a_deprecated_alias_of_solver_and_both_together_raise():
+  matrix, _ = _with_spectrum([4.0, -3.0, 1.0, 0.5])
+  hvp_fn, like, _ = _dense_operator(matrix)
+  v0 = optax.tree.random_like(jax.random.key(0), like)
+  new = hessian.top_k_eigenpairs(hvp_fn, v0, 1, num_iters=40, solver="power")
+  with pytest.warns(DeprecationWarning, match="`method=` is deprecated.*`solver=`"):
+    old = hessian.top_k_eigenpairs(hvp_fn, v0, 1, num_iters=40, method="power")
+  np.testing.assert_array_equal(old[0], new[0])
+  with pytest.raises(ValueError, match="`method` is the deprecated name of `solver`"):
+    hessian.top_k_eigenpairs(hvp_fn, v0, 1, solver="power", method="lanczos")
+  mlp = _mlp()
+  key = jax.random.key(0)
+  new = hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, num_iters=5, solver="power")
+  with pytest.warns(DeprecationWarning, match="`method=` is deprecated"):
+    old = hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, num_iters=5, method="power")
+  np.testing.assert_array_equal(old, new)
+  with pytest.raises(ValueError, match="`method` is the deprecated name of `solver`"):
+    hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, solver="power", method="lanczos")

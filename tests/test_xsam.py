@@ -48,6 +48,7 @@ def test_correction_matches_numpy_on_quadratic(quadratic, normalize, correction)
   g_adv = quadratic.grad_np(x + 0.2 * g / np.linalg.norm(g))
   np.testing.assert_allclose(new_state.cos, g_adv @ v / np.linalg.norm(g_adv), rtol=1e-5)
   np.testing.assert_allclose(new_state.adv_grad_norm, np.linalg.norm(g_adv), rtol=1e-5)
+  np.testing.assert_allclose(new_state.perturbation_norm, 0.2, rtol=1e-5)
 
 
 def test_parallel_component_shrinks_by_one_minus_alpha(quadratic):

@@ -88,10 +88,10 @@ class EigenSAMState(NamedTuple):
       finite-difference HVP is off by the mismatch divided by :math:`h`: pass
       ``eig_grad_fn=grad_fn`` or use ``hvp_method="exact"``.
     settings: the :class:`~xsam_jax._eigvec.EigvecSettings` (``solver``, ``num_iters``,
-      ``hvp_method``, ``eps``, ``seed``) this state's transform was built with, which
-      :func:`~xsam_jax.refresh_eigenvector` uses by default. A static field: part of the tree
-      structure, with no arrays (nothing to save in a checkpoint; restore into the structure
-      of ``tx.init(params)``).
+      ``hvp_method``, ``eps``, ``seed``) of the transform whose ``init`` made this state
+      (``update`` carries them over unchanged), which :func:`~xsam_jax.refresh_eigenvector`
+      uses by default. A static field: part of the tree structure, with no arrays (nothing to
+      save in a checkpoint; restore into the structure of ``tx.init(params)``).
 
 
   Every float scalar is float32, or float64 for float64 params; dtypes never change across
@@ -336,7 +336,7 @@ def eigen_sam(
       ascent_curvature=curvature,
       skipped_refreshes=refreshed.skipped_refreshes,
       base_grad_mismatch=refreshed.base_grad_mismatch,
-      settings=settings,
+      settings=state.settings,  # from init: the state keeps its structure
     )
     return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)
 
