@@ -125,7 +125,7 @@ def make_optimizers(
     "optax_sam_opaque": contrib_sam(True),
     "optax_sam_transparent": contrib_sam(False),
     "xsam": optax.chain(
-      xsam_jax.xsam(rho=RHO, alpha=ALPHA, refresh_every=refresh_every, power_iters=power_iters),
+      xsam_jax.xsam(rho=RHO, alpha=ALPHA, refresh_every=refresh_every, num_iters=power_iters),
       sgd(),
     ),
   } | (
@@ -135,7 +135,7 @@ def make_optimizers(
           rho=RHO,
           alpha=ALPHA,
           refresh_every=refresh_every,
-          power_iters=power_iters,
+          num_iters=power_iters,
           hvp_method="forward_difference",
         ),
         sgd(),

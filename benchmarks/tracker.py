@@ -11,7 +11,7 @@ reach ``|cos(v, v_ref)| >= 0.99``:
 * **warm**: from the converged vector of the previous parameters, after ``--drift_steps`` SGD
   steps moved the parameters (what every later refresh does; the reference is recomputed).
 
-Power iteration is the papers' tracker; "Lanczos" is ``tracker="lanczos"`` of
+Power iteration is the papers' tracker; "Lanczos" is ``solver="lanczos"`` of
 :func:`xsam_jax.xsam`: a warm-started ``m``-step Lanczos run returning the top Ritz vector.
 One Lanczos run of ``M`` steps yields the ``m``-step answers for every ``m <= M`` (the Krylov
 bases are nested; full reorthogonalisation keeps them exact), so the sweep costs ``M`` HVPs.

@@ -12,7 +12,7 @@ that one trajectory, every tracker setting keeps its own cached vector and refre
 ``p`` steps with ``q`` warm-started HVPs on the step's minibatch through the library's own
 refresh function (:func:`library_refresh`, which calls what ``xsam``, ``eigen_sam`` and
 ``refresh_eigenvector`` call): power iteration (the papers' tracker) or a ``q``-step Lanczos run
-returning the top Ritz vector (``tracker="lanczos"``; with ``q = 1`` the library takes one power
+returning the top Ritz vector (``solver="lanczos"``; with ``q = 1`` the library takes one power
 step instead, since a one-vector Krylov space is the start vector itself), with exact
 (forward-over-reverse) or finite-difference HVPs (one gradient each; the base gradient is the
 step's clean gradient, free when the HVP loss is the training loss, as here). A third tracker,
@@ -95,7 +95,7 @@ def library_refresh(grad_fn, params, v, q: int, tracker: str, hvp_method: str, b
   Calls the refresh that :func:`xsam_jax.xsam`, :func:`xsam_jax.eigen_sam` and
   :func:`xsam_jax.refresh_eigenvector` call (``xsam_jax._eigvec._power_refresh``, static path:
   straight-line HVPs), so the benchmark measures the library's tracker and not a copy of it.
-  In particular ``tracker="lanczos"`` with ``q = 1`` is one power step there, not the start
+  In particular ``solver="lanczos"`` with ``q = 1`` is one power step there, not the start
   vector a one-step Lanczos run would return.
 
   Args:
@@ -110,7 +110,7 @@ def library_refresh(grad_fn, params, v, q: int, tracker: str, hvp_method: str, b
   Returns:
     The refreshed unit vector, shaped like ``params``.
   """
-  _, new = _power_refresh(
+  _, new, _ = _power_refresh(
     v, params, grad_fn, q, DEFAULT_EPS, None, True, tracker, hvp_method, base_grad
   )
   return new

@@ -80,11 +80,11 @@ def sharpness_method(
   alpha: float = 0.2,
   eta: float = 0.01,
   refresh_every: int = 5,
-  power_iters: int = 5,
+  num_iters: int = 5,
   normalize: bool = True,
   correction: str = "projection",
-  seed: int = 0,
-  tracker: str = "power",
+  key: int = 0,
+  solver: str = "power",
 ) -> optax.GradientTransformationExtraArgs | None:
   """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term).
 
@@ -101,9 +101,9 @@ def sharpness_method(
     rho=rho,
     alpha=alpha,
     refresh_every=refresh_every,
-    power_iters=power_iters,
-    seed=seed,
-    tracker=tracker,
+    num_iters=num_iters,
+    key=key,
+    solver=solver,
   )
   if method == "eigen_sam":
     return xsam_jax.eigen_sam(**eig)
@@ -159,11 +159,11 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     alpha=config.alpha,
     eta=config.eta,
     refresh_every=refresh_every,
-    power_iters=config.power_iters,
+    num_iters=config.power_iters,
     normalize=config.normalize,
     correction=config.correction,
-    seed=config.seed,
-    tracker=config.tracker,
+    key=config.seed,
+    solver=config.tracker,
   )
   tx = base if sharp is None else optax.chain(sharp, base)
   return OptimizerSpec(

@@ -285,8 +285,8 @@ def build_optimizer(name: str, config: Config, seed: int = 0) -> OptimizerSpec:
     rho=config.rho,
     alpha=config.alpha,
     refresh_every=config.refresh_every,
-    power_iters=config.power_iters,
-    seed=seed,
+    num_iters=config.power_iters,
+    key=seed,
   )
   return OptimizerSpec(
     tx=base if sharp is None else optax.chain(sharp, base),
@@ -335,16 +335,16 @@ def _evaluate(model: Transformer, params, x, y):
   return loss_and_accuracy(model.apply, params, x, y)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_iters", "method"))
+@functools.partial(jax.jit, static_argnames=("model", "num_iters", "solver"))
 def lambda_max(
-  model: Transformer, params, x, y, key, num_iters: int, method: str = "lanczos"
+  model: Transformer, params, x, y, key, num_iters: int, solver: str = "lanczos"
 ) -> jax.Array:
   """Independent top Hessian eigenvalue of the training loss (without the weight-decay term) on
   ``(x, y)``: :func:`xsam_jax.hessian.top_eigenvalue` from a random start, not the optimizer's
   cached estimate. A transformer has no convolutions, so the compiled loop is fine on XLA:CPU.
   """
   grad_fn = jax.grad(lambda p: loss_and_accuracy(model.apply, p, x, y)[0])
-  return hessian.top_eigenvalue(grad_fn, params, key, num_iters=num_iters, method=method)
+  return hessian.top_eigenvalue(grad_fn, params, key, num_iters=num_iters, solver=solver)
 
 
 def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], level: float):

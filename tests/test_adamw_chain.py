@@ -140,7 +140,7 @@ def test_xsam_adamw_with_in_step_refresh_matches_numpy_with_exact_eigvec(quadrat
   # Power iteration inside the chain converges to +-v (gap 6 : 2.5); the default projection
   # correction does not depend on the sign, so NumPy with the exact eigenvector must agree.
   lam, v = quadratic.top_eigvec()
-  tx = _chain(xsam_jax.xsam(rho=RHO, alpha=ALPHA, refresh_every=1, power_iters=40))
+  tx = _chain(xsam_jax.xsam(rho=RHO, alpha=ALPHA, refresh_every=1, num_iters=40))
   traj, state = _run(tx, quadratic.loss, quadratic.params, 4, refresh=True)
   expected, _, _ = _np_adamw_trajectory(
     lambda x: _np_xsam_direction(quadratic, x, v, RHO, ALPHA),
@@ -196,7 +196,7 @@ def _scaled(quadratic, c):
 def test_normalized_xsam_adamw_is_invariant_to_loss_scale(quadratic, c):
   # Includes in-step refreshes: power iteration on cH returns the eigenvector of H.
   def run(scale):
-    tx = _chain(xsam_jax.xsam(rho=RHO, alpha=ALPHA, refresh_every=1, power_iters=5))
+    tx = _chain(xsam_jax.xsam(rho=RHO, alpha=ALPHA, refresh_every=1, num_iters=5))
     traj, state = _run(tx, _scaled(quadratic, scale), quadratic.params, 6, refresh=True)
     return _flat_trajectory(quadratic, traj), float(state[0].eigval)
 

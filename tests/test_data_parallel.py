@@ -50,14 +50,14 @@ SCRIPT = textwrap.dedent(
   METHODS = {
     "sam": lambda **kw: xsam_jax.sam(rho=0.1, **kw),
     "asam": lambda **kw: xsam_jax.sam(rho=0.5, adaptive=True, **kw),
-    "eigen_sam": lambda **kw: xsam_jax.eigen_sam(rho=0.1, alpha=0.3, power_iters=ITERS, **kw),
-    "xsam": lambda **kw: xsam_jax.xsam(rho=0.1, alpha=0.3, power_iters=ITERS, **kw),
+    "eigen_sam": lambda **kw: xsam_jax.eigen_sam(rho=0.1, alpha=0.3, num_iters=ITERS, **kw),
+    "xsam": lambda **kw: xsam_jax.xsam(rho=0.1, alpha=0.3, num_iters=ITERS, **kw),
     "xsam_lanczos": lambda **kw: xsam_jax.xsam(
-      rho=0.1, alpha=0.3, power_iters=8, tracker="lanczos", **kw),
+      rho=0.1, alpha=0.3, num_iters=8, solver="lanczos", **kw),
     # Finite-difference HVPs: each device differences its own gradients (its clean gradient as
     # the base), then the products are averaged.
     "xsam_fd": lambda **kw: xsam_jax.xsam(
-      rho=0.1, alpha=0.3, power_iters=ITERS, hvp_method="forward_difference", **kw),
+      rho=0.1, alpha=0.3, num_iters=ITERS, hvp_method="forward_difference", **kw),
   }
 
   def step(tx, x, y, local):
@@ -229,12 +229,12 @@ SCRIPT = textwrap.dedent(
   tx = xsam_jax.xsam(rho=0.1)
   def refresh_in(x, y):
     st = xsam_jax.refresh_eigenvector(tx.init(params), params, grad_fn_of(x, y),
-                                      power_iters=ITERS, axis_name="data")
+                                      num_iters=ITERS, axis_name="data")
     return st.eigval
   got = jax.jit(jax.shard_map(refresh_in, mesh=mesh, in_specs=(P("data"), P("data")),
                               out_specs=P()))(x, y)
   want = xsam_jax.refresh_eigenvector(tx.init(params), params, grad_fn_of(x, y),
-                                      power_iters=ITERS).eigval
+                                      num_iters=ITERS).eigval
   np.testing.assert_allclose(got, want, rtol=1e-4)
   print("CHECKED", "hvp")
 

@@ -45,6 +45,10 @@ def test_perturbation_is_tilted_towards_eigvec_as_in_official_code(quadratic):
   # Not renormalised: |eps| = rho * sqrt(1 + alpha^2 (1 - cos^2)).
   c = float(state.cos)
   np.testing.assert_allclose(np.linalg.norm(e), 0.3 * np.sqrt(1 + 0.25 * (1 - c * c)), rtol=1e-6)
+  # The same norms as every method's state: ||g||, ||epsilon||, ||g_adv||.
+  np.testing.assert_allclose(state.grad_norm, np.linalg.norm(g), rtol=1e-5)
+  np.testing.assert_allclose(state.perturbation_norm, np.linalg.norm(e), rtol=1e-5)
+  np.testing.assert_allclose(state.adv_grad_norm, np.linalg.norm(expected), rtol=1e-5)
 
 
 def test_alpha_zero_reduces_to_sam_exactly(tiny_mlp):
@@ -75,7 +79,7 @@ def test_perturbation_is_invariant_to_eigvec_sign(quadratic):
 def test_eigenvector_converges_over_warm_started_refreshes(tiny_mlp):
   w, vecs = np.linalg.eigh(tiny_mlp.dense_hessian(tiny_mlp.params))
   top = vecs[:, np.argmax(np.abs(w))]
-  tx = xsam_jax.eigen_sam(rho=0.0, refresh_every=1, power_iters=5)
+  tx = xsam_jax.eigen_sam(rho=0.0, refresh_every=1, num_iters=5)
   params = tiny_mlp.params
   state = tx.init(params)
   update = jax.jit(
@@ -123,7 +127,7 @@ def test_zero_gradient_gives_finite_update():
     ({"rho": -0.1}, "rho"),
     ({"alpha": 3.0}, "alpha"),
     ({"refresh_every": -1}, "refresh_every"),
-    ({"power_iters": 0}, "power_iters"),
+    ({"num_iters": 0}, "num_iters"),
   ],
 )
 def test_bad_hyperparameters_raise_value_error_naming_the_argument(kwargs, match):
@@ -142,7 +146,7 @@ def test_missing_grad_fn_raises_value_error(quadratic):
 def test_empty_params_raise_value_error_naming_params_at_init_and_update(quadratic):
   grad_fn = jax.grad(quadratic.loss)
   for tracker in ("power", "lanczos"):
-    tx = xsam_jax.eigen_sam(tracker=tracker)
+    tx = xsam_jax.eigen_sam(solver=tracker)
     for empty in ({}, {"w": jnp.zeros((0, 3))}):
       with pytest.raises(ValueError, match=r"xsam_jax.eigen_sam: `params` holds no entries"):
         tx.init(empty)
@@ -156,7 +160,7 @@ def test_empty_params_raise_value_error_naming_params_at_init_and_update(quadrat
 def test_a_zero_size_leaf_next_to_non_empty_ones_just_works(tracker, hvp_method, quadratic):
   with_empty = {**quadratic.params, "z": jnp.zeros((0, 2))}  # ravels to the same flat vector
   lam, _ = quadratic.top_eigvec()
-  tx = xsam_jax.eigen_sam(rho=0.05, power_iters=30, tracker=tracker, hvp_method=hvp_method)
+  tx = xsam_jax.eigen_sam(rho=0.05, num_iters=30, solver=tracker, hvp_method=hvp_method)
   out = {}
   for name, params in (("plain", quadratic.params), ("with_empty", with_empty)):
     grad_fn = jax.grad(quadratic.loss)

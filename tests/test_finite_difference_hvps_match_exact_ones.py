@@ -182,7 +182,7 @@ def test_a_refresh_costs_one_gradient_per_hvp_and_reuses_the_clean_gradient(make
   q = 3
   params = quadratic.params
   grads = jax.grad(quadratic.loss)(params)
-  tx = make(rho=0.05, power_iters=q, hvp_method=FD)
+  tx = make(rho=0.05, num_iters=q, hvp_method=FD)
   # No eig_grad_fn: q gradients for the HVPs and one for the ascent; the base is `updates`.
   grad_fn = _Counter(quadratic.loss)
   _refreshed_state(tx, grads, params, grad_fn)
@@ -198,7 +198,7 @@ def test_the_in_step_base_gradient_is_the_clean_gradient_handed_to_update(quadra
   params = quadratic.params
   grad_fn = jax.grad(quadratic.loss)
   grads = grad_fn(params)
-  tx = xsam_jax.xsam(rho=0.05, power_iters=q, hvp_method=FD)
+  tx = xsam_jax.xsam(rho=0.05, num_iters=q, hvp_method=FD)
   # The same eigenvector as an in-step refresh that recomputes the base through eig_grad_fn,
   # up to the documented rounding error of a forward difference (~u ||g|| / h per product).
   ref = _refreshed_state(tx, grads, params, grad_fn, eig_grad_fn=grad_fn)
@@ -215,12 +215,13 @@ def test_out_of_step_refresh_computes_one_base_gradient_for_every_state(quadrati
   q = 4
   tx = optax.chain(xsam_jax.xsam(), xsam_jax.eigen_sam(), optax.sgd(0.1))
   grad_fn = _Counter(quadratic.loss)
+  # unroll=True: every HVP is its own call (a fori_loop would trace its body once).
   state = xsam_jax.refresh_eigenvector(
-    tx.init(quadratic.params), quadratic.params, grad_fn, power_iters=q, hvp_method=FD
+    tx.init(quadratic.params), quadratic.params, grad_fn, num_iters=q, hvp_method=FD, unroll=True
   )
   assert grad_fn.calls == 2 * q + 1
   exact = xsam_jax.refresh_eigenvector(
-    tx.init(quadratic.params), quadratic.params, jax.grad(quadratic.loss), power_iters=q
+    tx.init(quadratic.params), quadratic.params, jax.grad(quadratic.loss), num_iters=q
   )
   for sub, ref in zip(state[:2], exact[:2], strict=True):
     chex.assert_trees_all_close(sub.eigvec, ref.eigvec, rtol=1e-4, atol=1e-5)
@@ -253,7 +254,7 @@ def test_finite_difference_trackers_find_the_exact_top_eigenvector(
   for loss, params, dense, steps in problems:
     w, vecs = np.linalg.eigh(dense)
     i = int(np.argmax(np.abs(w))) if tracker == "power" else int(np.argmax(w))
-    tx = make(rho=0.05, refresh_every=1, power_iters=5, tracker=tracker, hvp_method=FD)
+    tx = make(rho=0.05, refresh_every=1, num_iters=5, solver=tracker, hvp_method=FD)
     grads = jax.grad(loss)(params)
     update = jax.jit(lambda s, p=params, g=grads, f=loss: tx.update(g, s, p, grad_fn=jax.grad(f)))
     state = tx.init(params)
@@ -277,7 +278,7 @@ def test_static_and_cond_paths_agree_and_state_dtypes_are_stable_with_finite_dif
       params = jnp.array([0.5, -1.0, 2.0], dtype)
       out = {}
       for method in (FD, "exact"):
-        tx = xsam_jax.xsam(rho=0.05, power_iters=3, hvp_method=method)
+        tx = xsam_jax.xsam(rho=0.05, num_iters=3, hvp_method=method)
         state = tx.init(params)
         for refresh in (None, True):
           out[method, refresh] = jax.jit(
@@ -369,8 +370,8 @@ def test_check_base_grad_measures_a_mismatched_base_gradient_without_changing_th
   params = quadratic.params
   grad_fn = jax.grad(quadratic.loss)
   grads = grad_fn(params)
-  checked = make(rho=0.05, refresh_every=2, power_iters=3, hvp_method=FD, check_base_grad=True)
-  plain = make(rho=0.05, refresh_every=2, power_iters=3, hvp_method=FD)
+  checked = make(rho=0.05, refresh_every=2, num_iters=3, hvp_method=FD, check_base_grad=True)
+  plain = make(rho=0.05, refresh_every=2, num_iters=3, hvp_method=FD)
 
   def run(tx, scale):
     step = jax.jit(

@@ -47,7 +47,7 @@ def _method(name, refresh_every, factory=None):
   if name == "sam":
     return (factory or xsam_jax.sam)(rho=RHO)
   make = factory or {"eigen_sam": xsam_jax.eigen_sam, "xsam": xsam_jax.xsam}[name]
-  return make(rho=RHO, alpha=ALPHA, refresh_every=refresh_every, power_iters=POWER_ITERS)
+  return make(rho=RHO, alpha=ALPHA, refresh_every=refresh_every, num_iters=POWER_ITERS)
 
 
 def _make(name, refresh_every, how="accumulate"):
@@ -56,7 +56,7 @@ def _make(name, refresh_every, how="accumulate"):
   if how == "accumulate":
     return xsam_jax.accumulate(_method(name, refresh_every), base, K)
   fn = {"sam": xsam_jax.sam, "eigen_sam": xsam_jax.eigen_sam, "xsam": xsam_jax.xsam}[name]
-  static = () if name == "sam" else ("refresh_every", "power_iters")
+  static = () if name == "sam" else ("refresh_every", "num_iters")
   injected = optax.inject_hyperparams(fn, static_args=static)
   factory = lambda **kw: functools.partial(injected, **kw)
   return xsam_jax.accumulate(_method(name, refresh_every, factory), base, K)
@@ -165,7 +165,7 @@ def test_accumulation_steps_set_by_hand_is_refused_with_the_right_call(name):
   with pytest.raises(ValueError, match=r"xsam_jax\.accumulate\("):
     optax.MultiSteps(optax.chain(make(accumulation_steps=K), optax.sgd(LR, momentum=MOMENTUM)), K)
   # Through inject_hyperparams the inner method is built at init: refused there.
-  static = () if name == "sam" else ("refresh_every", "power_iters")
+  static = () if name == "sam" else ("refresh_every", "num_iters")
   injected = optax.inject_hyperparams(make, static_args=static)(accumulation_steps=K)
   with pytest.raises(ValueError, match=r"xsam_jax\.accumulate\("):
     injected.init(_problem()[0])

@@ -308,7 +308,7 @@ def test_lanczos_top_k_matches_dense_eigh_on_tiny_mlp():
 def test_power_top_k_matches_dense_largest_magnitude_pairs_on_tiny_mlp():
   mlp = _mlp()
   eigvals, eigvecs = _run(
-    lambda v: hessian.top_k_eigenpairs(mlp.hvp_fn, v, 3, method="power", num_iters=300),
+    lambda v: hessian.top_k_eigenpairs(mlp.hvp_fn, v, 3, solver="power", num_iters=300),
     mlp.random_tree(9),
   )
   by_magnitude = np.argsort(-np.abs(mlp.eigvals))[:3]
@@ -328,7 +328,7 @@ def test_top_k_matches_a_dense_operator_with_gaps(method):
   v0 = optax.tree.random_like(jax.random.key(0), like)
   num_iters = {"lanczos": 7, "power": 150}[method]  # Lanczos: fewer steps than dimensions
   eigvals, eigvecs = _run(
-    lambda v: hessian.top_k_eigenpairs(hvp_fn, v, 3, method=method, num_iters=num_iters), v0
+    lambda v: hessian.top_k_eigenpairs(hvp_fn, v, 3, solver=method, num_iters=num_iters), v0
   )
   np.testing.assert_allclose(eigvals, spectrum[:3], rtol=1e-4)
   vecs = _rows(eigvecs)
@@ -342,7 +342,7 @@ def test_power_finds_largest_magnitude_while_lanczos_finds_largest_algebraic():
   v0 = optax.tree.random_like(jax.random.key(1), like)
   power_vals, lanczos_vals = _run(
     lambda v: (
-      hessian.top_k_eigenpairs(hvp_fn, v, 2, method="power", num_iters=200)[0],
+      hessian.top_k_eigenpairs(hvp_fn, v, 2, solver="power", num_iters=200)[0],
       hessian.top_k_eigenpairs(hvp_fn, v, 2)[0],
     ),
     v0,
@@ -516,7 +516,7 @@ def test_everything_jits_with_traced_params_and_compiles_once():
     hvp_fn = lambda v: hessian.hvp(grad_fn, params, v)
     return {
       "lanczos": hessian.top_eigenvalue(grad_fn, params, key, num_iters=20),
-      "power": hessian.top_eigenvalue(grad_fn, params, key, num_iters=200, method="power"),
+      "power": hessian.top_eigenvalue(grad_fn, params, key, num_iters=200, solver="power"),
       "trace": hessian.hutchinson_trace(hvp_fn, params, key, 2)[0],
     }
 
@@ -536,7 +536,7 @@ def test_jit_with_static_argnames_compiles_once_per_structure():
   @functools.partial(jax.jit, static_argnames=("k", "num_iters", "method"))
   @chex.assert_max_traces(n=1)
   def top_k(v0, *, k, num_iters, method):
-    return hessian.top_k_eigenpairs(hvp_fn, v0, k, num_iters=num_iters, method=method)
+    return hessian.top_k_eigenpairs(hvp_fn, v0, k, num_iters=num_iters, solver=method)
 
   for seed in range(3):
     v0 = optax.tree.random_like(jax.random.key(seed), like)
@@ -550,9 +550,9 @@ def test_jit_with_static_argnames_compiles_once_per_structure():
     ({"k": 0}, "`k`"),
     ({"k": 27}, "`k`"),
     ({"k": 2.0}, "`k`"),
-    ({"k": 2, "method": "arnoldi"}, r"`method` must be one of \('lanczos', 'power'\)"),
+    ({"k": 2, "solver": "arnoldi"}, r"`solver` must be one of \('lanczos', 'power'\)"),
     ({"k": 3, "num_iters": 2}, "`num_iters`"),
-    ({"k": 1, "method": "power", "num_iters": 0}, "`num_iters`"),
+    ({"k": 1, "solver": "power", "num_iters": 0}, "`num_iters`"),
   ],
 )
 def test_top_k_rejects_invalid_arguments(kwargs, match):
@@ -572,8 +572,8 @@ def test_other_routines_reject_invalid_arguments():
     hessian.hutchinson_trace(mlp.hvp_fn, mlp.params, key, 0)
   with pytest.raises(ValueError, match="`num_samples`"):
     hessian.slq_nodes_and_weights(mlp.hvp_fn, mlp.params, key, num_samples=0)
-  with pytest.raises(ValueError, match="`method`"):
-    hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, method="eigh")
+  with pytest.raises(ValueError, match="`solver`"):
+    hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, solver="eigh")
   with pytest.raises(ValueError, match="`sigma` must be > 0"):
     hessian.spectral_density(mlp.hvp_fn, mlp.params, key, sigma=0.0)
   with pytest.raises(ValueError, match="`num_points`"):
@@ -625,3 +625,23 @@ def test_a_zero_size_leaf_next_to_non_empty_ones_changes_no_estimate():
   np.testing.assert_allclose(got[2], [4.0, 2.0], rtol=1e-5)
   np.testing.assert_allclose(got[3], 4.0, rtol=1e-5)
   np.testing.assert_allclose(got[4], 7.0, rtol=1e-5)  # diagonal: exact
+
+
+def test_method_is_a_deprecated_alias_of_solver_and_both_together_raise():
+  matrix, _ = _with_spectrum([4.0, -3.0, 1.0, 0.5])
+  hvp_fn, like, _ = _dense_operator(matrix)
+  v0 = optax.tree.random_like(jax.random.key(0), like)
+  new = hessian.top_k_eigenpairs(hvp_fn, v0, 1, num_iters=40, solver="power")
+  with pytest.warns(DeprecationWarning, match="`method=` is deprecated.*`solver=`"):
+    old = hessian.top_k_eigenpairs(hvp_fn, v0, 1, num_iters=40, method="power")
+  np.testing.assert_array_equal(old[0], new[0])
+  with pytest.raises(ValueError, match="`method` is the deprecated name of `solver`"):
+    hessian.top_k_eigenpairs(hvp_fn, v0, 1, solver="power", method="lanczos")
+  mlp = _mlp()
+  key = jax.random.key(0)
+  new = hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, num_iters=5, solver="power")
+  with pytest.warns(DeprecationWarning, match="`method=` is deprecated"):
+    old = hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, num_iters=5, method="power")
+  np.testing.assert_array_equal(old, new)
+  with pytest.raises(ValueError, match="`method` is the deprecated name of `solver`"):
+    hessian.top_eigenvalue(mlp.grad_fn, mlp.params, key, solver="power", method="lanczos")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,3 +52,48 @@ def test_checks_name_the_argument():
   pert.check_range("rho", lambda c: -1.0, 0.0)  # schedules are not evaluated here
   with pytest.raises(ValueError, match="power_iters"):
     pert.check_positive_int("power_iters", True)
+
+
+def test_resolve_alias_warns_for_the_old_name_and_refuses_both():
+  assert pert.resolve_alias("f", "solver", "lanczos", "power", "tracker", None) == "lanczos"
+  with pytest.warns(DeprecationWarning, match=r"f: `tracker=` is deprecated.*use `solver=`"):
+    assert pert.resolve_alias("f", "solver", "power", "power", "tracker", "lanczos") == "lanczos"
+  with pytest.raises(ValueError, match=r"`tracker` is the deprecated name of `solver`"):
+    pert.resolve_alias("f", "solver", "random", "power", "tracker", "lanczos")
+  # An array never counts as "the default": a key given with seed= is a conflict.
+  with pytest.raises(ValueError, match="`seed` is the deprecated name of `key`"):
+    pert.resolve_alias("f", "key", jax.random.key(0), 0, "seed", 1)
+
+
+def test_as_key_takes_seeds_typed_and_raw_keys_and_refuses_floats():
+  want = jax.random.key_data(jax.random.key(3))
+  for key in (3, np.int64(3), jnp.asarray(3), jax.random.key(3), jax.random.PRNGKey(3)):
+    np.testing.assert_array_equal(jax.random.key_data(pert.as_key(key, "f")), want)
+  # Traced integer seeds (optax.inject_hyperparams under jit) work.
+  traced = jax.jit(lambda s: jax.random.key_data(pert.as_key(s, "f")))(jnp.asarray(3))
+  np.testing.assert_array_equal(traced, want)
+  for bad in (1.0, jnp.asarray(1.0), True, "0", None):
+    with pytest.raises(ValueError, match=r"`key` must be a PRNG key.*static_args=\(\"key\""):
+      pert.as_key(bad, "f")
+
+
+def test_grad_fn_signature_check_refuses_two_argument_functions_only():
+  def loss_grad(params, batch):
+    return params
+
+  for bad in (lambda params, i: params, loss_grad, jax.jit(loss_grad)):
+    with pytest.raises(ValueError, match=r"`grad_fn` must be callable as `grad_fn\(params\)"):
+      pert.check_grad_fn_signature("grad_fn", bad, "where")
+  good = (
+    lambda p: p,
+    lambda p, batch=None: p,
+    lambda *args: args[0],
+    functools.partial(loss_grad, batch=None),
+    jax.jit(lambda p: p),
+    jax.grad(lambda p: jnp.sum(p**2)),
+    min,  # a builtin without a readable signature: accepted
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for fn in good:
+      pert.check_grad_fn_signature("grad_fn", fn, "where")

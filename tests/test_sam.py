@@ -36,6 +36,9 @@ def test_sam_returns_gradient_at_normalised_ascent_point(quadratic):
   np.testing.assert_allclose(quadratic.flat(out), _np_sam_grad(quadratic, x, 0.3), rtol=1e-5)
   np.testing.assert_allclose(state.grad_norm, np.linalg.norm(quadratic.grad_np(x)), rtol=1e-5)
   np.testing.assert_allclose(state.perturbation_norm, 0.3, rtol=1e-5)
+  np.testing.assert_allclose(
+    state.adv_grad_norm, np.linalg.norm(_np_sam_grad(quadratic, x, 0.3)), rtol=1e-5
+  )
   assert int(state.count) == 1
 
 

@@ -21,9 +21,7 @@ METHODS = {
   "asam": lambda: xsam_jax.sam(rho=0.5, adaptive=True),
   "eigen_sam": lambda: xsam_jax.eigen_sam(rho=0.05, alpha=0.2, refresh_every=2),
   "xsam": lambda: xsam_jax.xsam(rho=0.05, alpha=0.2, refresh_every=2),
-  "xsam_lanczos": lambda: xsam_jax.xsam(
-    rho=0.05, refresh_every=2, power_iters=3, tracker="lanczos"
-  ),
+  "xsam_lanczos": lambda: xsam_jax.xsam(rho=0.05, refresh_every=2, num_iters=3, solver="lanczos"),
 }
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 DIAG = np.array([3.0, 1.0, 0.5, 2.0, 0.25])
@@ -102,9 +100,27 @@ def test_float64_refresh_on_the_cond_path_keeps_a_float64_eigenvalue():
   with jax.enable_x64(True):
     params = jnp.ones(3, jnp.float64)
     loss = lambda w: 0.5 * jnp.sum(jnp.array([4.0, 1.0, 0.5]) * w**2)
-    tx = xsam_jax.xsam(power_iters=60)
+    tx = xsam_jax.xsam(num_iters=60)
     _, state = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss)))(
       params, tx.init(params)
     )
     assert state.eigval.dtype == jnp.float64 and state.eigvec.dtype == jnp.float64
     np.testing.assert_allclose(state.eigval, 4.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sam", "eigen_sam", "xsam"])
+def test_a_fresh_state_holds_one_buffer_per_field_so_it_can_be_donated(name):
+  # init used to put one zero array in every scalar field: donating that state to a jitted
+  # step raised "Attempt to donate the same buffer twice".
+  tx = optax.chain(METHODS[name](), optax.adamw(0.1))
+  params = _params("float32")
+  state = tx.init(params)
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+  assert len(set(pointers)) == len(pointers)
+  step = jax.jit(
+    lambda s, p: tx.update(jax.grad(_loss)(p), s, p, grad_fn=jax.grad(_loss))[1],
+    donate_argnums=(0,),
+  )
+  for _ in range(2):
+    state = step(state, params)
+  assert int(state[0].count) == 2

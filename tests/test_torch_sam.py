@@ -105,9 +105,7 @@ def test_the_pytorch_sam_steps_match_xsam_jax_sam_before_sgd_with_momentum(twin)
 def test_the_pytorch_eigen_sam_steps_with_power_iteration_match_xsam_jax_eigen_sam(twin):
   _, params, images, labels, loss = twin
   q = 3
-  eigen = xsam_jax.eigen_sam(
-    rho=torch_sam.RHO, alpha=torch_sam.ALPHA, refresh_every=1, power_iters=q
-  )
+  eigen = xsam_jax.eigen_sam(rho=torch_sam.RHO, alpha=torch_sam.ALPHA, refresh_every=1, num_iters=q)
   tx = optax.chain(eigen, optax.sgd(torch_sam.LR, torch_sam.MOMENTUM))
   expected, state = run_jax(tx, params, loss, STEPS)
   stepper = stepper_from(params, images, labels)

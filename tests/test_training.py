@@ -140,7 +140,7 @@ RHO = 0.5  # large, so that the perturbed pass's statistics are clearly differen
 TXS = {
   "sam": optax.chain(xsam_jax.sam(rho=RHO), optax.sgd(0.1)),
   "xsam": optax.chain(
-    xsam_jax.xsam(rho=RHO, alpha=0.5, refresh_every=2, power_iters=3), optax.sgd(0.1)
+    xsam_jax.xsam(rho=RHO, alpha=0.5, refresh_every=2, num_iters=3), optax.sgd(0.1)
   ),
 }
 linen_step_jit = jax.jit(linen_step)
@@ -433,7 +433,7 @@ def test_nnx_refresh_eigenvector_updates_the_optimizer_state_in_place():
   optimizer = nnx.Optimizer(model, optax.chain(xsam_jax.xsam(), optax.sgd(0.1)), wrt=nnx.Param)
   loss_fn = lambda m, x: 0.5 * jnp.sum(scales * m(x) ** 2)
   out = training.nnx_grad_fns(model, loss_fn, jnp.ones(3))
-  training.nnx_refresh_eigenvector(optimizer, model, out.eig_grad_fn, power_iters=40)
+  training.nnx_refresh_eigenvector(optimizer, model, out.eig_grad_fn, num_iters=40)
   state = nnx.as_pure(optimizer.opt_state)
   np.testing.assert_allclose(optax.tree.get(state, "eigval"), 5.0, rtol=1e-4)
   eigvec = jax.tree.leaves(optax.tree.get(state, "eigvec"))[0]

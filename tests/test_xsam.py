@@ -48,6 +48,7 @@ def test_correction_matches_numpy_on_quadratic(quadratic, normalize, correction)
   g_adv = quadratic.grad_np(x + 0.2 * g / np.linalg.norm(g))
   np.testing.assert_allclose(new_state.cos, g_adv @ v / np.linalg.norm(g_adv), rtol=1e-5)
   np.testing.assert_allclose(new_state.adv_grad_norm, np.linalg.norm(g_adv), rtol=1e-5)
+  np.testing.assert_allclose(new_state.perturbation_norm, 0.2, rtol=1e-5)
 
 
 def test_parallel_component_shrinks_by_one_minus_alpha(quadratic):
@@ -141,7 +142,7 @@ def test_eigvec_is_refreshed_at_step_zero_to_dense_top_eigenvector(tiny_mlp):
   hess = tiny_mlp.dense_hessian(tiny_mlp.params)
   w, vecs = np.linalg.eigh(hess)
   i = np.argmax(np.abs(w))
-  tx = xsam_jax.xsam(rho=0.05, alpha=0.2, power_iters=200)
+  tx = xsam_jax.xsam(rho=0.05, alpha=0.2, num_iters=200)
   params = tiny_mlp.params
   _, state = tx.update(
     jax.grad(tiny_mlp.loss)(params), tx.init(params), params, grad_fn=jax.grad(tiny_mlp.loss)
@@ -174,7 +175,7 @@ def test_one_step_on_tiny_mlp_matches_dense_hessian_reference(tiny_mlp):
 
 
 def test_refresh_happens_every_refresh_every_steps(quadratic):
-  tx = xsam_jax.xsam(refresh_every=3, power_iters=1)
+  tx = xsam_jax.xsam(refresh_every=3, num_iters=1)
   params = quadratic.params
   state = tx.init(params)
   grads = jax.grad(quadratic.loss)(params)
@@ -188,7 +189,7 @@ def test_refresh_happens_every_refresh_every_steps(quadratic):
 
 
 def test_static_refresh_path_equals_traced_path(tiny_mlp):
-  tx = optax.chain(xsam_jax.xsam(rho=0.05, refresh_every=2, power_iters=3), optax.sgd(0.1))
+  tx = optax.chain(xsam_jax.xsam(rho=0.05, refresh_every=2, num_iters=3), optax.sgd(0.1))
   traced = make_step(tx, tiny_mlp.loss)
   static = {r: make_step(tx, tiny_mlp.loss, refresh=r) for r in (True, False)}
   p1 = p2 = tiny_mlp.params
@@ -219,7 +220,7 @@ def test_training_step_compiles_once_across_refresh_and_plain_steps(tiny_mlp):
 def test_eig_grad_fn_is_used_for_the_eigenvector(quadratic):
   # A different loss for the Hessian: its top eigenvector is e_0.
   eig_loss = lambda p: 0.5 * 10.0 * p["a"][0] ** 2 + 0.5 * jnp.sum(p["b"] ** 2)
-  tx = xsam_jax.xsam(power_iters=50)
+  tx = xsam_jax.xsam(num_iters=50)
   params = quadratic.params
   _, state = tx.update(
     jax.grad(quadratic.loss)(params),
@@ -236,7 +237,7 @@ def test_eig_grad_fn_is_used_for_the_eigenvector(quadratic):
 def test_alpha_schedule_and_inject_hyperparams_work(quadratic):
   _, v = quadratic.top_eigvec()
   tx = optax.inject_hyperparams(
-    xsam_jax.xsam, static_args=("refresh_every", "power_iters", "normalize")
+    xsam_jax.xsam, static_args=("refresh_every", "num_iters", "normalize")
   )(rho=0.2, alpha=0.1)
   params = quadratic.params
   state = tx.init(params)
@@ -307,8 +308,8 @@ def test_unknown_extra_args_are_ignored(quadratic):
     ({"alpha": 2.5}, "alpha"),
     ({"alpha": -0.1}, "alpha"),
     ({"refresh_every": 0}, "refresh_every"),
-    ({"power_iters": 0}, "power_iters"),
-    ({"power_iters": 2.0}, "power_iters"),
+    ({"num_iters": 0}, "num_iters"),
+    ({"num_iters": 2.0}, "num_iters"),
     ({"correction": "code"}, "correction"),
     ({"normalize": 1}, "normalize"),
   ],
@@ -333,7 +334,7 @@ def test_missing_grad_fn_and_bad_refresh_raise_value_error(quadratic):
 def test_empty_params_raise_value_error_naming_params_at_init_and_update(quadratic):
   grad_fn = jax.grad(quadratic.loss)
   for tracker in ("power", "lanczos"):
-    tx = xsam_jax.xsam(tracker=tracker)
+    tx = xsam_jax.xsam(solver=tracker)
     for empty in ({}, {"w": jnp.zeros((0, 3))}):
       with pytest.raises(ValueError, match=r"xsam_jax.xsam: `params` holds no entries"):
         tx.init(empty)
@@ -347,7 +348,7 @@ def test_empty_params_raise_value_error_naming_params_at_init_and_update(quadrat
 def test_a_zero_size_leaf_next_to_non_empty_ones_just_works(tracker, hvp_method, quadratic):
   with_empty = {**quadratic.params, "z": jnp.zeros((0, 2))}  # ravels to the same flat vector
   lam, _ = quadratic.top_eigvec()
-  tx = xsam_jax.xsam(rho=0.05, power_iters=30, tracker=tracker, hvp_method=hvp_method)
+  tx = xsam_jax.xsam(rho=0.05, num_iters=30, solver=tracker, hvp_method=hvp_method)
   out = {}
   for name, params in (("plain", quadratic.params), ("with_empty", with_empty)):
     grad_fn = jax.grad(quadratic.loss)

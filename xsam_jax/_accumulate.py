@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import optax
 
+from xsam_jax._perturbation import DEPRECATED_ALIASES
+
 # Set while `accumulate` builds, initialises or updates its method: only then may a method
 # receive `accumulation_steps > 1`.
 _ACCUMULATING = contextvars.ContextVar("xsam_jax_accumulating", default=False)
@@ -69,7 +71,8 @@ def check_accumulation_steps(value: Any) -> None:
   if not ok or steps < 1:
     raise ValueError(
       f"`accumulation_steps` must be an int >= 1, got {value!r}. Build accumulation with "
-      f"{RIGHT_CALL}."
+      f"{RIGHT_CALL}. Under optax.inject_hyperparams an int is injected as an integer array "
+      "(accepted); for anything else list it in static_args=('accumulation_steps', ...)."
     )
   if steps > 1 and not _ACCUMULATING.get():
     raise ValueError(
@@ -87,8 +90,13 @@ def record_arguments(factory: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(factory)
   def build(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
     tx = factory(*args, **kwargs)
-    bound = signature.bind(*args, **kwargs)
-    _BUILT[tx.update] = (factory, dict(bound.arguments))
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    # Record deprecated names under their new ones, so a rebuild does not warn again (the
+    # factory has refused both names together already).
+    for old, new in DEPRECATED_ALIASES.items():
+      if arguments.get(old) is not None and old in signature.parameters:
+        arguments[new] = arguments.pop(old)
+    _BUILT[tx.update] = (factory, arguments)
     return tx
 
   return build

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -11,11 +11,20 @@ import optax
 
 from xsam_jax import hessian
 from xsam_jax._accumulate import check_accumulation_steps, record_arguments
-from xsam_jax._eigvec import check_base_grad_flag, check_tracker, init_eigvec, maybe_refresh
+from xsam_jax._eigvec import (
+  EigvecSettings,
+  check_base_grad_flag,
+  check_solver,
+  init_eigvec,
+  make_settings,
+  maybe_refresh,
+)
 from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
+  as_key,
+  check_grad_fn_signature,
   check_nonempty,
   check_positive_int,
   check_range,
@@ -24,8 +33,10 @@ from xsam_jax._perturbation import (
   normalize,
   perturbed_gradient,
   read_hyperparam,
+  resolve_alias,
   scalar_dtype,
   tree_cast_like,
+  tree_norm,
   tree_vdot,
 )
 
@@ -42,12 +53,20 @@ class EigenSAMState(NamedTuple):
     eigvec: unit estimate of the top Hessian eigenvector, shaped like params (float32; float64
       for float64 params). Exactly unit length after every refresh.
     eigval: at the last refresh, the Rayleigh quotient :math:`\langle v, Hv\rangle` of the
-      last iterate that was multiplied by the Hessian (``tracker="power"``; free, no extra
-      HVP), or the top Ritz value (``tracker="lanczos"``). Scalar in the state's float dtype.
+      last iterate that was multiplied by the Hessian (``solver="power"``; free, no extra
+      HVP), the top Ritz value (``solver="lanczos"``), or 0 (``solver="random"``: no HVP is
+      made, so no eigenvalue is known; 0 rather than NaN keeps the state finite).
     cos: cosine between the clean gradient and ``eigvec`` at the last step (signed; the sign of
       ``eigvec`` is arbitrary). With ``axis_name``: the mean over devices.
-    grad_norm: global L2 norm of the clean gradient at the last step. With ``axis_name``: the
-      mean over devices of the local norms.
+    grad_norm: global L2 norm of the clean gradient :math:`g` (``updates``) at the last step.
+      With ``axis_name``: the mean over devices of the local norms.
+    perturbation_norm: global L2 norm of the ascent step :math:`\epsilon` at the last step
+      (:math:`\rho` for SAM and X-SAM, the Euclidean length of the adaptive step for ASAM,
+      :math:`\rho\sqrt{1 + \alpha^2(1 - \cos^2)}` for Eigen-SAM; 0 when ``rho = 0``). With
+      ``axis_name``: the mean over devices of the local norms.
+    adv_grad_norm: global L2 norm of the perturbed gradient :math:`g_{adv} = \nabla L_B(w +
+      \epsilon)` at the last step, before any correction (the scale that X-SAM's
+      ``normalize=True`` removes). With ``axis_name``: the norm of the mean over devices.
     ascent_curvature: curvature along the actual (tilted) ascent step :math:`\epsilon` at the
       last step, free from the two gradients: :math:`\langle\epsilon, g_{adv} - g\rangle /
       \|\epsilon\|^2 \approx \hat\epsilon^\top H \hat\epsilon`. Exact for a quadratic, error
@@ -68,6 +87,12 @@ class EigenSAMState(NamedTuple):
       ``grad_fn(params)`` (clipped, accumulated, reduced over devices...) and every
       finite-difference HVP is off by the mismatch divided by :math:`h`: pass
       ``eig_grad_fn=grad_fn`` or use ``hvp_method="exact"``.
+    settings: the :class:`~xsam_jax._eigvec.EigvecSettings` (``solver``, ``num_iters``,
+      ``hvp_method``, ``eps``, ``seed``) of the transform whose ``init`` made this state
+      (``update`` carries them over unchanged), which :func:`~xsam_jax.refresh_eigenvector`
+      uses by default. A static field: part of the tree structure, with no arrays (nothing to
+      save in a checkpoint; restore into the structure of ``tx.init(params)``).
+
 
   Every float scalar is float32, or float64 for float64 params; dtypes never change across
   steps.
@@ -78,9 +103,12 @@ class EigenSAMState(NamedTuple):
   eigval: chex.Array
   cos: chex.Array
   grad_norm: chex.Array
+  perturbation_norm: chex.Array
+  adv_grad_norm: chex.Array
   ascent_curvature: chex.Array
   skipped_refreshes: chex.Array
   base_grad_mismatch: chex.Array
+  settings: EigvecSettings
 
 
 def eigen_sam_perturbation(
@@ -106,14 +134,17 @@ def eigen_sam(
   alpha: ScalarOrSchedule = 0.2,
   *,
   refresh_every: int = 100,
-  power_iters: int = 5,
+  num_iters: int = 5,
   eps: float = DEFAULT_EPS,
   axis_name: str | None = None,
-  seed: int = 0,
-  tracker: str = "power",
+  key: jax.Array | int = 0,
+  solver: Literal["power", "lanczos", "random"] = "power",
   accumulation_steps: int = 1,
   hvp_method: str = "exact",
   check_base_grad: bool = False,
+  power_iters: int | None = None,
+  seed: int | None = None,
+  tracker: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigen-SAM: SAM with the perturbation tilted towards the top Hessian eigenvector.
 
@@ -131,7 +162,7 @@ def eigen_sam(
   ``alpha = 0`` is exactly SAM.
 
   The eigenvector is refreshed when ``count % refresh_every == 0`` (step 0 included, so the
-  tilt applies from the first step) by ``power_iters`` warm-started power-iteration steps with
+  tilt applies from the first step) by ``num_iters`` warm-started power-iteration steps with
   Hessian-vector products ``jax.jvp(eig_grad_fn or grad_fn, (params,), (v,))`` at the clean
   parameters, under a ``lax.cond`` around a ``lax.fori_loop`` (one compiled step). Pass
   ``refresh=True``/``False`` to ``update`` to decide on the host instead (straight-line HVPs;
@@ -156,17 +187,22 @@ def eigen_sam(
       {0.05, 0.1, 0.2}).
     refresh_every: refresh period :math:`p` in optimizer steps, Python int >= 1 (official
       code: ``freq=100`` within each epoch, which is once per epoch; see above).
-    power_iters: HVPs per refresh :math:`q`, Python int >= 1 (official code: 5).
+    num_iters: HVPs per refresh :math:`q`, Python int >= 1 (official code: 5).
     eps: added to every norm before division.
     axis_name: inside ``shard_map``/``pmap``: ascent from the local gradient (m-sharpness),
       ``pmean`` of the returned gradient, of every HVP (one shared eigenvector) and of the
       state's scalars.
-    seed: seed of the random initial eigenvector.
-    tracker: how a refresh spends its ``power_iters`` HVPs. ``"power"`` (the papers' code)
-      converges to the eigenvector of largest *magnitude*, a negative eigenvalue's when one
-      dominates (then ``eigval < 0``); ``"lanczos"`` (top Ritz pair of a Lanczos run
-      warm-started from the cached vector, ``power_iters`` extra param-sized buffers during the
-      refresh) targets the largest *algebraic* eigenvalue. See ``benchmarks/RESULTS.md``.
+    key: PRNG key (``jax.random.key(0)``, or a raw ``jax.random.PRNGKey``) or an int seed, of
+      the initial eigenvector and of ``solver="random"``'s draws.
+    solver: where the eigenvector comes from at each refresh. ``"power"`` (the papers' code:
+      ``num_iters`` power-iteration HVPs) converges to the eigenvector of largest
+      *magnitude*, a negative eigenvalue's when one dominates (then ``eigval < 0``);
+      ``"lanczos"`` (top Ritz pair of a ``num_iters``-step Lanczos run warm-started from the
+      cached vector, ``num_iters`` extra param-sized buffers during the refresh) targets the
+      largest *algebraic* eigenvalue (see ``benchmarks/RESULTS.md``); ``"random"`` redraws a
+      uniformly random unit vector from ``jax.random.fold_in(key, step)`` at each refresh,
+      with no HVP and no ``grad_fn`` call (``eigval`` is then 0): the control that tells
+      whether the method's effect comes from curvature.
     accumulation_steps: set by :func:`~xsam_jax.accumulate` only (a value > 1 given by hand
       raises ``ValueError``): micro-batches per optimizer step; the refresh and schedules then
       read the optimizer step ``count // accumulation_steps``.
@@ -182,6 +218,9 @@ def eigen_sam(
       state's ``base_grad_mismatch`` (the trajectory is unchanged). A value above rounding
       level (:math:`\sim10^{-6}` in float32) means ``updates`` is not ``grad_fn(params)``
       and every HVP is off by that mismatch over :math:`h`; see ``EigenSAMState``.
+    power_iters: deprecated alias of ``num_iters`` (one release; warns).
+    seed: deprecated alias of ``key`` (one release; warns).
+    tracker: deprecated alias of ``solver`` (one release; warns).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -189,11 +228,12 @@ def eigen_sam(
 
   Raises:
     ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every``,
-      ``power_iters`` or ``accumulation_steps`` < 1, ``params`` with no entries (``{}``),
-      ``check_base_grad=True`` without ``hvp_method="forward_difference"``,
-      an unknown ``tracker`` or
-      ``hvp_method``, when ``params`` or ``grad_fn`` is missing, and for data-parallel misuse
-      (see :func:`~xsam_jax.sam`).
+      ``num_iters`` or ``accumulation_steps`` < 1, ``params`` with no entries (``{}``),
+      ``check_base_grad=True`` without ``hvp_method="forward_difference"`` (or with
+      ``solver="random"``), an unknown ``solver`` or ``hvp_method``, a ``key`` that is neither
+      a PRNG key nor an int, a deprecated name given with its new one, when ``params`` or
+      ``grad_fn`` is missing or ``grad_fn`` cannot be called as ``grad_fn(params)``, and for
+      data-parallel misuse (see :func:`~xsam_jax.sam`).
 
   References:
     Luo, Truong, Pham, Harandi, Phung & Le, "Explicit Eigenvalue Regularization Improves
@@ -217,24 +257,34 @@ def eigen_sam(
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM; 0.2 is the papers' default.")
+  where = "xsam_jax.eigen_sam"
+  num_iters = resolve_alias(where, "num_iters", num_iters, 5, "power_iters", power_iters)
+  key = resolve_alias(where, "key", key, 0, "seed", seed)
+  solver = resolve_alias(where, "solver", solver, "power", "tracker", tracker)
   check_positive_int("refresh_every", refresh_every)
-  check_positive_int("power_iters", power_iters)
+  check_positive_int("num_iters", num_iters)
   check_accumulation_steps(accumulation_steps)
-  check_tracker(tracker)
+  check_solver(solver)
+  as_key(key, where)
   hessian.check_hvp_method(hvp_method)
-  check_base_grad_flag(check_base_grad, hvp_method)
+  check_base_grad_flag(check_base_grad, hvp_method, solver)
+  settings = make_settings(solver, num_iters, hvp_method, eps, key)
 
   def init_fn(params: PyTree) -> EigenSAMState:
-    zero = jnp.zeros((), scalar_dtype(params))
+    # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
+    dtype = scalar_dtype(params)
     state = EigenSAMState(
       count=jnp.zeros((), jnp.int32),
-      eigvec=init_eigvec(params, seed, "xsam_jax.eigen_sam"),
-      eigval=zero,
-      cos=zero,
-      grad_norm=zero,
-      ascent_curvature=zero,
+      eigvec=init_eigvec(params, key, "xsam_jax.eigen_sam"),
+      eigval=jnp.zeros((), dtype),
+      cos=jnp.zeros((), dtype),
+      grad_norm=jnp.zeros((), dtype),
+      perturbation_norm=jnp.zeros((), dtype),
+      adv_grad_norm=jnp.zeros((), dtype),
+      ascent_curvature=jnp.zeros((), dtype),
       skipped_refreshes=jnp.zeros((), jnp.int32),
-      base_grad_mismatch=zero,
+      base_grad_mismatch=jnp.zeros((), dtype),
+      settings=settings,
     )
     return place_state(state, params, state.eigvec)
 
@@ -243,6 +293,8 @@ def eigen_sam(
   ):
     del extra_args
     check_update_args("xsam_jax.eigen_sam", params, grad_fn)
+    if eig_grad_fn is not None:
+      check_grad_fn_signature("eig_grad_fn", eig_grad_fn, "xsam_jax.eigen_sam")
     check_nonempty("params", params, "xsam_jax.eigen_sam")
     check_clean_gradient(updates, "xsam_jax.eigen_sam", axis_name)
     dtype = scalar_dtype(params)
@@ -252,16 +304,17 @@ def eigen_sam(
       params=params,
       grad_fn=eig_grad_fn if eig_grad_fn is not None else grad_fn,
       refresh_every=refresh_every,
-      power_iters=power_iters,
+      num_iters=num_iters,
       eps=eps,
       axis_name=axis_name,
       refresh=refresh,
-      tracker=tracker,
+      solver=solver,
       accumulation_steps=accumulation_steps,
       hvp_method=hvp_method,
       # The HVP loss is the training loss: its gradient at w is the clean gradient, free.
       base_grad=updates if eig_grad_fn is None else None,
       check_base_grad=check_base_grad,
+      key=key,
     )
     eigval, eigvec = refreshed.eigval, refreshed.eigvec
     perturbation, cos, grad_norm = eigen_sam_perturbation(
@@ -274,16 +327,21 @@ def eigen_sam(
     adv_grads, curvature = perturbed_gradient(
       grad_fn, params, perturbation, axis_name, updates, eps
     )
-    cos, grad_norm = device_mean((cos, grad_norm), axis_name, what="the gradient norm")
+    cos, grad_norm, perturbation_norm = device_mean(
+      (cos, grad_norm, tree_norm(perturbation)), axis_name, what="the gradient norm"
+    )
     new_state = EigenSAMState(
       count=optax.safe_increment(state.count),
       eigvec=eigvec,
       eigval=eigval,
       cos=cos,
       grad_norm=grad_norm,
+      perturbation_norm=perturbation_norm,
+      adv_grad_norm=tree_norm(adv_grads),
       ascent_curvature=curvature,
       skipped_refreshes=refreshed.skipped_refreshes,
       base_grad_mismatch=refreshed.base_grad_mismatch,
+      settings=state.settings,  # from init: the state keeps its structure
     )
     return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)
 

@@ -7,11 +7,14 @@ Each concept lives here exactly once; ``_sam.py``, ``_eigen_sam.py``, ``_xsam.py
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from xsam_jax._parallel import check_unreduced, device_mean, to_varying
@@ -231,8 +234,108 @@ def check_positive_int(name: str, value: Any, *, traced_ok: bool = False) -> Non
     )
 
 
+# Old argument names kept for one release: old -> new. One vocabulary across the library:
+# ``solver`` (eigen-solver choice), ``num_iters`` (HVPs / iterations), ``key`` (randomness).
+DEPRECATED_ALIASES = {
+  "tracker": "solver",
+  "method": "solver",
+  "power_iters": "num_iters",
+  "seed": "key",
+}
+
+
+def resolve_alias(
+  where: str, new_name: str, new_value: Any, default: Any, old_name: str, old_value: Any
+) -> Any:
+  """The value of a renamed argument, from its new name or its deprecated old one.
+
+  ``old_value`` None means the old name was not used: ``new_value`` is returned. Otherwise a
+  ``DeprecationWarning`` naming the new name is emitted and ``old_value`` is returned, unless
+  the new name was also set to a value other than its ``default`` (then the two disagree or
+  duplicate each other: ``ValueError``). A new value equal to its default cannot be told apart
+  from "not passed" (``optax.inject_hyperparams`` passes every default), so it yields to the
+  old name.
+
+  Raises:
+    ValueError: when both names are given (the new one at a non-default value).
+  """
+  if old_value is None:
+    return new_value
+  if not _same(new_value, default):
+    raise ValueError(
+      f"{where}: `{old_name}` is the deprecated name of `{new_name}`; pass only "
+      f"`{new_name}=` (got {new_name}={new_value!r} and {old_name}={old_value!r})."
+    )
+  warnings.warn(
+    f"{where}: `{old_name}=` is deprecated and will be removed in the next release; use "
+    f"`{new_name}=` instead.",
+    DeprecationWarning,
+    stacklevel=3,
+  )
+  return old_value
+
+
+def _same(value: Any, default: Any) -> bool:
+  """``value`` is ``default`` (identity or equal Python scalars/strings; arrays never)."""
+  if value is default:
+    return True
+  if isinstance(value, (bool, int, float, str)) and isinstance(default, (bool, int, float, str)):
+    return type(value) is type(default) and value == default
+  return False
+
+
+def as_key(key: Any, where: str) -> Array:
+  """A typed PRNG key from an int seed, an integer scalar array, a typed or a raw key.
+
+  An int (or an integer scalar array, as ``optax.inject_hyperparams`` injects) is a seed for
+  ``jax.random.key``; a raw ``uint32`` key (``jax.random.PRNGKey(0)``) is wrapped. Traced
+  values are accepted (under ``jit``).
+
+  Raises:
+    ValueError: for a float (``optax.inject_hyperparams`` turns a float into a float
+      hyperparameter) or any other value that is not a key or an integer seed.
+  """
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      return key
+    shape = jnp.shape(key)
+    if jnp.issubdtype(dtype, jnp.integer) and shape == ():
+      return jax.random.key(key)
+    if dtype == jnp.uint32 and len(shape) == 1:
+      return jax.random.wrap_key_data(key)
+  raise ValueError(
+    f"{where}: `key` must be a PRNG key (jax.random.key(0)) or an int seed, got {key!r}. With "
+    "optax.inject_hyperparams, a number becomes a float or integer hyperparameter: pass a "
+    'Python int, or list it with static_args=("key", "refresh_every", "num_iters").'
+  )
+
+
+def check_grad_fn_signature(name: str, grad_fn: Callable, where: str) -> None:
+  """Raises ``ValueError`` if ``grad_fn`` cannot be called with the parameters alone.
+
+  Uses :func:`inspect.signature` (which sees through ``functools.partial``, ``functools.wraps``
+  and ``jax.jit``); a callable whose signature cannot be read (some builtins) is accepted.
+  """
+  try:
+    signature = inspect.signature(grad_fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(None)
+  except TypeError:
+    raise ValueError(
+      f"{where}: `{name}` must be callable as `{name}(params) -> grads`, but its signature is "
+      f"{signature}. optax.contrib.sam's `grad_fn(params, i)` takes a second argument: close "
+      f"over the batch instead, e.g. `{name}=lambda p: jax.grad(loss)(p, batch)`."
+    ) from None
+
+
 def check_update_args(method: str, params: PyTree | None, grad_fn: Callable | None) -> None:
-  """Raises a ``ValueError`` naming the fix when ``params`` or ``grad_fn`` is missing."""
+  """Raises a ``ValueError`` naming the fix when ``params`` or ``grad_fn`` is missing or when
+  ``grad_fn`` cannot be called as ``grad_fn(params)``."""
   if params is None:
     raise ValueError(
       f"{method}: `params` is required. Call `tx.update(grads, state, params, "
@@ -246,3 +349,4 @@ def check_update_args(method: str, params: PyTree | None, grad_fn: Callable | No
       "use xsam_jax.training.linen_grad_fns or nnx_grad_fns to build it. "
       f"Got {grad_fn!r}."
     )
+  check_grad_fn_signature("grad_fn", grad_fn, method)

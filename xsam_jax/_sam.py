@@ -36,11 +36,15 @@ class SAMState(NamedTuple):
   Attributes:
     count: number of ``update`` calls so far (int32 scalar), micro-batches included; schedules
       read ``count // accumulation_steps``.
-    grad_norm: global L2 norm of the clean gradient at the last step (float32, float64 for
-      float64 params; with ``axis_name`` the mean over devices of the local norms).
-    perturbation_norm: global L2 norm of the ascent step ``epsilon`` at the last step
-      (``rho`` for SAM; for ASAM the Euclidean length of the adaptive step; with ``axis_name``
-      the mean over devices).
+    grad_norm: global L2 norm of the clean gradient :math:`g` (``updates``) at the last step.
+      With ``axis_name``: the mean over devices of the local norms.
+    perturbation_norm: global L2 norm of the ascent step :math:`\epsilon` at the last step
+      (:math:`\rho` for SAM and X-SAM, the Euclidean length of the adaptive step for ASAM,
+      :math:`\rho\sqrt{1 + \alpha^2(1 - \cos^2)}` for Eigen-SAM; 0 when ``rho = 0``). With
+      ``axis_name``: the mean over devices of the local norms.
+    adv_grad_norm: global L2 norm of the perturbed gradient :math:`g_{adv} = \nabla L_B(w +
+      \epsilon)` at the last step, before any correction (the scale that X-SAM's
+      ``normalize=True`` removes). With ``axis_name``: the norm of the mean over devices.
     ascent_curvature: curvature along the ascent step at the last step, free from the two
       gradients already computed: :math:`\langle \epsilon, g_{adv} - g\rangle /
       \|\epsilon\|^2 \approx \hat\epsilon^\top H \hat\epsilon` (for SAM
@@ -48,11 +52,15 @@ class SAMState(NamedTuple):
       ASAM along the adaptive step :math:`\epsilon`). Exact for a quadratic; error
       :math:`O(\rho)` otherwise; 0 when ``rho = 0``. With ``axis_name``: the mean over devices
       of each device's value (its own :math:`g`, :math:`\epsilon`, :math:`g_{adv}`).
+
+  Every float scalar is float32, or float64 for float64 params; dtypes never change across
+  steps.
   """
 
   count: chex.Array
   grad_norm: chex.Array
   perturbation_norm: chex.Array
+  adv_grad_norm: chex.Array
   ascent_curvature: chex.Array
 
 
@@ -184,12 +192,14 @@ def sam(
   method = "xsam_jax.asam" if adaptive else "xsam_jax.sam"
 
   def init_fn(params: PyTree) -> SAMState:
-    zero = jnp.zeros((), scalar_dtype(params))
+    # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
+    dtype = scalar_dtype(params)
     state = SAMState(
       count=jnp.zeros((), jnp.int32),
-      grad_norm=zero,
-      perturbation_norm=zero,
-      ascent_curvature=zero,
+      grad_norm=jnp.zeros((), dtype),
+      perturbation_norm=jnp.zeros((), dtype),
+      adv_grad_norm=jnp.zeros((), dtype),
+      ascent_curvature=jnp.zeros((), dtype),
     )
     return place_state(state, params)
 
@@ -217,6 +227,7 @@ def sam(
       count=optax.safe_increment(state.count),
       grad_norm=grad_norm,
       perturbation_norm=perturbation_norm,
+      adv_grad_norm=tree_norm(adv_grads),
       ascent_curvature=curvature,
     )
     return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)

@@ -12,8 +12,10 @@ product; :func:`make_hvp_fn` shares the base gradient between products).
   :func:`spectral_density`.
 * Parameter subsets (per layer): :func:`masked_hvp`, :func:`apply_mask`, :func:`layer_masks`.
 
-Structural arguments (``num_iters``, ``k``, ``num_samples``, ``method``, ``unroll``, ...) are
-Python values that fix the compiled program; mark them static under ``jax.jit``.
+Structural arguments (``num_iters``, ``k``, ``num_samples``, ``solver``, ``unroll``, ...) are
+Python values that fix the compiled program; mark them static under ``jax.jit``. ``unroll``
+defaults to False (``lax.fori_loop``/``lax.map``) everywhere; True (straight-line Python loops)
+is the fast choice on XLA:CPU, where control flow around convolutions is slow.
 A vector, ``like`` or ``params`` pytree with no entries (``{}``, or only zero-size leaves)
 raises a ``ValueError`` naming that argument; zero-size leaves next to non-empty ones are fine.
 
@@ -46,6 +48,7 @@ from xsam_jax._perturbation import (
   ascent_point,
   check_nonempty,
   normalize,
+  resolve_alias,
   scalar_dtype,
   tree_cast_like,
   tree_norm,
@@ -77,7 +80,7 @@ __all__ = [
   "top_k_eigenpairs",
 ]
 
-_METHODS = ("lanczos", "power")
+_SOLVERS = ("lanczos", "power")
 # A Lanczos residual below this fraction of the largest ||H q_j|| seen so far is treated as a
 # breakdown (an invariant subspace was found): the recurrence restarts from a fresh direction.
 _BREAKDOWN_RTOL = 1e-6
@@ -399,9 +402,9 @@ def power_iteration(
     v0: starting vector (need not be normalised; must not be zero).
     num_iters: number of HVPs, a Python int >= 1.
     eps: added to every norm before division.
-    unroll: if True, a straight-line Python loop (no ``while`` in the compiled program; use it
-      where control flow around convolutions is slow, as on XLA:CPU); otherwise a
-      ``lax.fori_loop``.
+    unroll: if True, a straight-line Python loop (no ``while`` in the compiled program; the
+      fast choice on XLA:CPU, where control flow around convolutions is slow); otherwise
+      (default) a ``lax.fori_loop``.
 
   Returns:
     ``(eigval, eigvec)``: float32 scalar and a float32 unit pytree shaped like ``v0`` (float64
@@ -450,9 +453,9 @@ def _check_positive(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must be > 0, got {value!r}.")
 
 
-def _check_method(method: Any) -> None:
-  if method not in _METHODS:
-    raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+def _check_solver(solver: Any) -> None:
+  if solver not in _SOLVERS:
+    raise ValueError(f"`solver` must be one of {_SOLVERS}, got {solver!r}.")
 
 
 def _dimension(tree: PyTree) -> int:
@@ -753,13 +756,14 @@ def top_k_eigenpairs(
   k: int,
   *,
   num_iters: int | None = None,
-  method: str = "lanczos",
+  solver: str = "lanczos",
   eps: float = DEFAULT_EPS,
   unroll: bool = False,
+  method: str | None = None,
 ) -> tuple[Array, PyTree]:
   r"""The ``k`` top eigenpairs of a symmetric operator, by Lanczos or deflated power iteration.
 
-  ``method="lanczos"`` (default) runs :func:`lanczos` for :math:`m` steps, diagonalises
+  ``solver="lanczos"`` (default) runs :func:`lanczos` for :math:`m` steps, diagonalises
   :math:`T_m = S \Theta S^\top` and returns the ``k`` largest Ritz pairs
 
   .. math:: \lambda_i \approx \theta_i,\qquad u_i \approx Q_m s_i .
@@ -767,7 +771,7 @@ def top_k_eigenpairs(
   Here "top" means the **largest algebraic** eigenvalues :math:`\lambda_1 \ge \lambda_2 \ge
   \dots`; by interlacing, :math:`\theta_i \le \lambda_i`, with fast convergence at a gap.
 
-  ``method="power"`` runs :func:`power_iteration` ``k`` times (``num_iters`` HVPs each) on the
+  ``solver="power"`` runs :func:`power_iteration` ``k`` times (``num_iters`` HVPs each) on the
   deflated operators
 
   .. math:: H_i = H - \sum_{l < i} \lambda_l\, u_l u_l^\top ,
@@ -789,9 +793,11 @@ def top_k_eigenpairs(
       scalars in ``v0``.
     num_iters: Lanczos steps (default ``max(2k, 20)``; capped at ``dim``; must be >= ``k``),
       or HVPs per eigenpair for ``"power"`` (default 100).
-    method: ``"lanczos"`` or ``"power"``.
+    solver: ``"lanczos"`` or ``"power"``.
     eps: added to every norm before division.
-    unroll: Python loops instead of ``lax.fori_loop`` (see :func:`power_iteration`).
+    unroll: Python loops instead of ``lax.fori_loop`` (default False; True is the fast choice
+      on XLA:CPU, see :func:`power_iteration`).
+    method: deprecated alias of ``solver`` (one release; warns).
 
   Returns:
     ``(eigvals, eigvecs)``: eigenvalues of shape ``(k,)`` sorted descending (float32, float64
@@ -799,7 +805,8 @@ def top_k_eigenpairs(
     extra leading axis of size ``k`` (``eigvecs[i]`` goes with ``eigvals[i]``).
 
   Raises:
-    ValueError: if ``k`` or ``num_iters`` is out of range or ``method`` is unknown.
+    ValueError: if ``k`` or ``num_iters`` is out of range, ``solver`` is unknown, or
+      ``method`` is given with a non-default ``solver``.
 
   References:
     Lanczos, J. Res. Nat. Bur. Standards, 1950. Golub & Van Loan, "Matrix Computations",
@@ -818,8 +825,11 @@ def top_k_eigenpairs(
   check_nonempty("v0", v0, "xsam_jax.hessian.top_k_eigenpairs")
   dim = _dimension(v0)
   _check_int("k", k, 1, dim)
-  _check_method(method)
-  if method == "lanczos":
+  solver = resolve_alias(
+    "xsam_jax.hessian.top_k_eigenpairs", "solver", solver, "lanczos", "method", method
+  )
+  _check_solver(solver)
+  if solver == "lanczos":
     if num_iters is None:
       num_iters = min(dim, max(2 * k, 20))
     _check_int("num_iters", num_iters, k)
@@ -837,11 +847,12 @@ def top_eigenvalue(
   key: Array,
   *,
   num_iters: int = 20,
-  method: str = "lanczos",
+  solver: str = "lanczos",
   eps: float = DEFAULT_EPS,
   axis_name: str | None = None,
   unroll: bool = False,
   hvp_method: str = "exact",
+  method: str | None = None,
 ) -> Array:
   r"""The largest Hessian eigenvalue :math:`\lambda_{\max}(\nabla^2 L(w))` from a random start.
 
@@ -857,12 +868,14 @@ def top_eigenvalue(
     params: the point :math:`w`.
     key: PRNG key for the start vector.
     num_iters: Lanczos steps or power iterations (= HVPs).
-    method: ``"lanczos"`` or ``"power"``.
+    solver: ``"lanczos"`` or ``"power"``.
     eps: added to every norm before division.
     axis_name: forwarded to :func:`hvp` (data-parallel mean over devices).
-    unroll: Python loops instead of ``lax.fori_loop``.
+    unroll: Python loops instead of ``lax.fori_loop`` (default False; True is the fast choice
+      on XLA:CPU).
     hvp_method: ``"exact"`` or ``"forward_difference"`` (one gradient per HVP plus one shared
       base gradient; see :func:`hvp`).
+    method: deprecated alias of ``solver`` (one release; warns).
 
   Returns:
     A float32 scalar.
@@ -880,11 +893,14 @@ def top_eigenvalue(
     5.0
   """
   check_nonempty("params", params, "xsam_jax.hessian.top_eigenvalue")
-  _check_method(method)
+  solver = resolve_alias(
+    "xsam_jax.hessian.top_eigenvalue", "solver", solver, "lanczos", "method", method
+  )
+  _check_solver(solver)
   _check_int("num_iters", num_iters)
   hvp_fn = make_hvp_fn(grad_fn, params, hvp_method=hvp_method, axis_name=axis_name, eps=eps)
   v0 = optax.tree.random_like(key, params, jax.random.normal, dtype=jnp.float32)
-  if method == "power":
+  if solver == "power":
     eigval, _ = power_iteration(hvp_fn, v0, num_iters, eps=eps, unroll=unroll)
     return eigval
   num_iters = min(num_iters, _dimension(params))
@@ -920,7 +936,8 @@ def hutchinson_trace(
     key: PRNG key; sample ``s`` uses ``jax.random.split(key, num_samples)[s]`` (the same probes
       as :func:`slq_nodes_and_weights` with the same key).
     num_samples: number of probes :math:`N` (= HVPs), a Python int >= 1.
-    unroll: a Python loop over probes instead of ``lax.map``.
+    unroll: a Python loop over probes instead of ``lax.map`` (default False; True is the fast
+      choice on XLA:CPU).
 
   Returns:
     ``(estimate, stderr)``: float32 scalars; ``stderr`` is ``inf`` when ``num_samples == 1``.
@@ -991,7 +1008,8 @@ def slq_nodes_and_weights(
     num_samples: number of probes :math:`N`.
     mask: optional leaf-level mask shaped like ``like`` (see :func:`apply_mask`).
     eps: added to every norm before division.
-    unroll: Python loops instead of ``lax.map``/``lax.fori_loop``.
+    unroll: Python loops instead of ``lax.map``/``lax.fori_loop`` (default False; True is the
+      fast choice on XLA:CPU).
 
   Returns:
     ``(nodes, weights)``, float32 arrays of shape ``(num_samples, min(num_iters, d))``.
@@ -1067,7 +1085,8 @@ def spectral_density(
     mask: optional parameter subset: the density of the sub-block :math:`H_{SS}` (see
       :func:`slq_nodes_and_weights`).
     eps: added to every norm before division.
-    unroll: Python loops instead of ``lax.map``/``lax.fori_loop``.
+    unroll: Python loops instead of ``lax.map``/``lax.fori_loop`` (default False; True is the
+      fast choice on XLA:CPU).
 
   Returns:
     ``(grid, density)``: two float32 arrays of the grid's shape.

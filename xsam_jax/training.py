@@ -419,7 +419,7 @@ def nnx_refresh_eigenvector(
     model: the model whose parameters (filtered by ``optimizer.wrt``) the Hessian is taken at.
     grad_fn: ``params -> grads`` on the pure parameter state (e.g. ``out.eig_grad_fn`` of
       :func:`nnx_grad_fns`).
-    **kwargs: forwarded to :func:`xsam_jax.refresh_eigenvector` (``power_iters``, ``tracker``,
+    **kwargs: forwarded to :func:`xsam_jax.refresh_eigenvector` (``num_iters``, ``solver``,
       ``unroll``, ...).
 
   Example:
@@ -431,7 +431,7 @@ def nnx_refresh_eigenvector(
     ...                           wrt=nnx.Param)
     >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
     >>> out = training.nnx_grad_fns(model, loss_fn, jnp.ones((4, 3)), jnp.zeros((4, 1)))
-    >>> training.nnx_refresh_eigenvector(optimizer, model, out.eig_grad_fn, power_iters=10)
+    >>> training.nnx_refresh_eigenvector(optimizer, model, out.eig_grad_fn, num_iters=10)
     >>> # The loss is 0.5 theta^T H theta with H = 2 z z^T, z = (1, 1, 1, 1): top eigenvalue 8.
     >>> round(float(optax.tree.get(nnx.as_pure(optimizer.opt_state), "eigval")), 3)
     8.0

@@ -85,7 +85,9 @@ class TrainConfig:
   power_iters: int = 5  # q
   normalize: bool = True  # X-SAM: normalise the perturbed gradient (paper Eq. 11)
   correction: str = "projection"  # X-SAM: "projection" or "official"
-  tracker: str = "power"  # eigenvector refresh: "power" (papers) or "lanczos"
+  # eigenvector source at each refresh (xsam_jax's `solver`): "power" (papers), "lanczos", or
+  # "random" (a random unit vector, no HVPs: the control for whether curvature matters)
+  tracker: str = "power"
   eig_eval_mode: bool = True  # HVPs with eval-mode BatchNorm, as the papers' code
   refresh_path: str = "auto"  # "cond" (one compile), "static" (host decides), "auto"
   # Devices: "data=N,model=M" splits the batch over all N*M devices and large weights over the
@@ -222,7 +224,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     ("dataset", config.dataset, (*DATASETS, "svhn_cropped")),
     ("refresh_path", config.refresh_path, REFRESH_PATHS),
     ("lr_schedule", config.lr_schedule, LR_SCHEDULES),
-    ("tracker", config.tracker, ("power", "lanczos")),
+    ("tracker", config.tracker, ("power", "lanczos", "random")),
     ("correction", config.correction, ("projection", "official")),
     ("compute_dtype", config.compute_dtype, ("float32", "bfloat16", "float16", "float64")),
   ]
