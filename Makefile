@@ -82,7 +82,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.step_cost
 
 tracker: $(STAMP)
-	$(BIN)/python -m benchmarks.tracker
+	$(BIN)/python -m benchmarks.tracker --out benchmarks/RESULTS.md
 
 # Tracking quality along training (issue 10): the full grid on the digits SimpleCNN, and the
 # cost-goal candidates (power iteration, p >= 5) on a CIFAR-shaped ResNet-18 (12-25 s a step

@@ -267,12 +267,13 @@ def load_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:
 def paper_recipe(dataset: str, model: str, optimizer: str) -> TrainConfig:
   """The CIFAR recipe shared by the Eigen-SAM and X-SAM papers, with sources.
 
-  Sources (see ../shared/papers/algorithms.md): SAM paper section 3.1 and Table 6 (batch 256,
+  Sources (Foret et al. arXiv:2010.01412, Luo et al. arXiv:2501.12666, Duan et al.
+  arXiv:2601.10251, and their official code): SAM paper section 3.1 and Table 6 (batch 256,
   rho 0.05 CIFAR-10 / 0.1 CIFAR-100 for WRN); Eigen-SAM paper setup quoted in 4.1 (200 epochs,
   batch 256, lr 0.1 cosine, momentum 0.9); Eigen-SAM code (wd 5e-4, freq 100, q 5, alpha 0.2);
   X-SAM README command (alpha 0.2, freq p = 3, q = 5, wd 5e-5) and third-party note (rho
-  0.05/0.1). Weight decay: the Eigen-SAM code default 5e-4 (the paper text says 5e-5, see
-  algorithms.md 4.5 and 5.5; override with weight_decay=5e-5 to test the other reading).
+  0.05/0.1). Weight decay: the Eigen-SAM code default 5e-4 (the Eigen-SAM paper's text says 5e-5;
+  override with weight_decay=5e-5 to test the other reading).
 
   ASAM (algorithms.md 3, ``SamsungLabs/ASAM``): rho 0.5 (CIFAR-10) / 1.0 (CIFAR-100), the
   README's recommendation; SAM's 0.05/0.1 would be a ~10x smaller neighbourhood for ASAM. eta
