@@ -36,7 +36,7 @@ def test_runs_go_seed_major_so_a_partial_study_has_whole_seeds(tmp_path):
     (0, "xsam"),
     (1, "sgd"),
   ]
-  assert all("label_noise=0.0" in r.overrides and "epochs=3" in r.overrides for r in runs)
+  assert all("label_noise=0.0" in r.overrides and "epochs=2" in r.overrides for r in runs)
 
 
 def test_bad_flags_are_refused_by_name_before_anything_is_written(tmp_path, capsys):
@@ -87,3 +87,26 @@ def test_the_tiny_cpu_mode_trains_every_method_and_writes_the_report(tmp_path):
   text = (tmp_path / "study_gpu.md").read_text()
   assert "Skipped by the budget: 4: test/clean/sgd/default/seed2" in text
   assert len(json.loads((tmp_path / "study_gpu.json").read_text())["runs"]) == 8
+
+
+def test_the_gpu_studys_resnet18_takes_28x28x1_images_unpadded_in_bfloat16():
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.configs.base import load_config
+  from experiments.models import get_model
+
+  config = load_config(f"{study_gpu.CONFIG}:xsam")
+  assert (config.model, config.dataset, config.batch_size, config.lr) == (
+    "resnet18",
+    "fashion_mnist",
+    256,
+    0.1,
+  )
+  assert (config.lr_schedule, config.weight_decay, config.momentum) == ("cosine", 5e-4, 0.9)
+  model = get_model("resnet18", 10, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(x.shape), train=False), variables)
+  assert logits.shape == (2, 10)
+  assert variables["params"]["stem_conv"]["kernel"].shape[2] == 1  # one input channel, not padded
