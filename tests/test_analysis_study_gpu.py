@@ -72,7 +72,7 @@ def test_the_tiny_cpu_mode_trains_every_method_and_writes_the_report(tmp_path):
   argv += ["--out", str(out), "--seeds", "0,1", "--budget_minutes", "5"]
   assert study_gpu.main(argv) == 0
   text = (tmp_path / "study_gpu.md").read_text()
-  assert "Skipped by the budget: 0." in text and "8 runs of 1 epochs" in text
+  assert "Skipped by the budget: 0." in text and "Runs: 8, 1 epoch(s) each" in text
   assert "| clean | xsam − sam |" in text and "| clean | sam − sgd |" in text
   saved = json.loads((tmp_path / "study_gpu.json").read_text())
   assert {(r["method"], r["seed"]) for r in saved["runs"]} == {

@@ -248,7 +248,7 @@ def report(
   head = [
     f"## GPU-scale Fashion-MNIST study ({device})",
     "",
-    f"- {len(rows)} runs of {args.epochs} epochs ({', '.join(args.methods)}; seeds "
+    f"- Runs: {len(rows)}, {args.epochs} epoch(s) each ({', '.join(args.methods)}; seeds "
     f"{', '.join(map(str, args.seeds))}; regimes {', '.join(args.regimes)}), no tuning; "
     f"overrides: {' '.join(args.overrides)}.",
     f"- Wall time of the command: {wall / 60:.1f} min (budget {args.budget_minutes} min).",
