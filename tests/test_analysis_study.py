@@ -141,10 +141,11 @@ def test_tuning_runs_hold_out_a_validation_split_and_test_runs_do_not():
   assert tuning and all("validation_fraction=0.2" in r.overrides for r in tuning)
   assert {r.regime for r in tuning} == {"noise40"}  # noise20 reuses the 40% choice
   assert {r.method for r in tuning} == {"sam", "eigen_sam", "xsam"}
-  assert len([r for r in tuning if r.method == "xsam"]) == 3 * 2 * 2  # rho x alpha x seeds
+  assert len([r for r in tuning if r.method == "xsam"]) == 5 * 2 * 2  # rho x alpha x seeds
   # One rho grid for every method: a difference between methods is not one between grids.
   rhos = {m: {r.setting[0] for r in tuning if r.method == m} for m in ("sam", "eigen_sam", "xsam")}
-  assert rhos["sam"] == rhos["eigen_sam"] == rhos["xsam"] == {"rho=0.05", "rho=0.1", "rho=0.2"}
+  grid = {"rho=0.05", "rho=0.1", "rho=0.2", "rho=0.3", "rho=0.5"}
+  assert rhos["sam"] == rhos["eigen_sam"] == rhos["xsam"] == grid
   choice = {("noise40", "sam"): ("rho=0.1",), ("noise40", "xsam"): ("rho=0.05", "alpha=0.5")}
   runs = study.test_and_compute_runs(a, choice, xsam_cost=3.0)
   assert not any("validation_fraction" in o for r in runs for o in r.overrides)
@@ -273,3 +274,81 @@ def test_a_worker_count_below_one_is_refused_by_name(capsys):
   with pytest.raises(SystemExit):
     args("--workers", "0")
   assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST (issue 20, item 2) and the ρ grid's edge (item 4).
+
+
+def test_the_default_rho_grid_extends_past_the_edge_that_validation_chose_on_digits():
+  # The first study offered rho <= 0.2 and validation chose 0.2 for every method at 40% noise.
+  a = args("--regimes", "noise40")
+  assert a.rhos == [0.05, 0.1, 0.2, 0.3, 0.5]
+  tuning = study.tune_runs(a)
+  rhos = {m: {r.setting[0] for r in tuning if r.method == m} for m in ("sam", "eigen_sam", "xsam")}
+  assert rhos["sam"] == rhos["eigen_sam"] == rhos["xsam"] >= {"rho=0.3", "rho=0.5"}
+
+
+def test_the_fashion_mnist_study_tunes_both_regimes_on_a_subset_and_tests_on_the_whole_set():
+  a = args("--dataset", "fashion_mnist")
+  assert a.config == "experiments/configs/fashion_mnist_simple_cnn.py"
+  assert a.regimes == ["clean", "noise40"] and a.tune_regimes == ["clean", "noise40"]
+  assert (a.root, a.out) == ("runs/study_fashion", "experiments/figures/study_fashion")
+  tuning = study.tune_runs(a)
+  assert {r.regime for r in tuning} == {"clean", "noise40"}
+  clean = next(r for r in tuning if r.regime == "clean")
+  assert "label_noise=0.0" in clean.overrides and "validation_fraction=0.2" in clean.overrides
+  assert f"train_examples={a.train_examples}" in clean.overrides and a.train_examples > 0
+  runs = study.test_and_compute_runs(a, {}, xsam_cost=3.0)
+  assert {r.stage for r in runs} == {"test"} and len(runs) == 2 * 4 * 5
+  assert all(f"train_examples={a.train_examples}" in r.overrides for r in runs)
+  noisy = next(r for r in runs if r.regime == "noise40")
+  assert "label_noise=0.4" in noisy.overrides
+  # Every flag still wins over the preset; a bad subset size is refused by name.
+  assert args("--dataset", "fashion_mnist", "--train_examples", "0").train_examples == 0
+  assert args("--dataset", "fashion_mnist", "--epochs", "3").epochs == 3
+  with pytest.raises(SystemExit):
+    args("--dataset", "fashion_mnist", "--train_examples", "-1")
+  with pytest.raises(ValueError, match="unknown regime 'nois40'"):
+    args("--dataset", "fashion_mnist", "--regimes", "nois40")
+
+
+def test_the_digits_defaults_are_unchanged_by_the_dataset_presets():
+  a = args()
+  assert a.config == "experiments/configs/digits_simple_cnn.py" and a.epochs == 30
+  assert a.regimes == list(study.REGIMES) and a.tune_seeds == [0, 1]
+  assert a.compute_regimes == ["noise40"] and a.train_examples == 0
+  assert a.study_overrides == list(study.STUDY_OVERRIDES)
+  run = next(r for r in study.tune_runs(a) if r.regime == "noise40")
+  assert not any(o.startswith("train_examples") for o in run.overrides)  # as the saved study
+
+
+@pytest.mark.slow
+def test_a_tiny_fashion_mnist_study_reads_idx_files_and_tests_on_every_test_image(tmp_path):
+  from test_data import _write_fashion_mnist
+
+  _write_fashion_mnist(tmp_path / "idx", num_train=120, num_test=40)
+  out = tmp_path / "out"
+  argv = ["--dataset", "fashion_mnist", "--root", str(tmp_path / "runs"), "--out", str(out)]
+  argv += ["--methods", "sgd,sam", "--rhos", "0.05", "--seeds", "0,1", "--tune_seeds", "0"]
+  argv += ["--epochs", "1", "--train_examples", "80", "--workers", "1"]
+  argv += ["--set", f"data_dir={tmp_path / 'idx'}", "--set", "batch_size=16"]
+  argv += ["--set", "lambda_max_examples=8", "--set", "lambda_max_iters=2"]
+  assert study.main(argv) == 0
+  text = (tmp_path / "out.md").read_text()
+  assert "| clean | sam | rho=0.05 |" in text and "| noise40 | sam − sgd |" in text
+  saved = json.loads((tmp_path / "out.json").read_text())
+  assert len(saved["tune"]) == 2 and len(saved["runs"]) == 2 * 2 * 2
+  config = json.loads((tmp_path / "runs/test/noise40/sam/rho0.05/seed1/config.json").read_text())
+  assert config["dataset"] == "fashion_mnist" and config["train_examples"] == 80
+  assert config["label_noise"] == 0.4 and config["validation_fraction"] == 0.0
+  summary = json.loads((tmp_path / "runs/test/clean/sgd/default/seed0/summary.json").read_text())
+  assert summary["eval_split"] == "test" and math.isfinite(summary["final_lambda_max"])
+
+
+def test_tune_only_stops_after_the_tuning_stage_and_trains_no_test_run(tmp_path):
+  # Extending the grid needs only the new tuning runs to see whether the choice moves.
+  argv = ["--root", str(tmp_path), "--out", str(tmp_path / "out"), "--regimes", "noise40"]
+  argv += ["--methods", "sgd,sam", "--rhos", "0.3", "--tune_seeds", "", "--tune_only"]
+  assert study.main(argv) == 0  # without --tune_only: "no validation choice for sam"
+  assert not (tmp_path / "test").exists() and (tmp_path / "out.md").exists()
