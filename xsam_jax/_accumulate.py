@@ -128,8 +128,8 @@ def accumulate(
   The arrangements that look alike but are wrong (max :math:`|w - w_{ref}|` after 3 optimizer
   steps of a tiny MLP with 3 different micro-batches, ``tests/test_gradient_accumulation.py``):
 
-  * ``accumulation_steps=k`` set by hand, without ``MultiSteps`` (0.95-1.24) or with the method
-    inside it (0.09-0.22): refused with a ``ValueError`` naming this function.
+  * ``accumulation_steps=k`` set by hand, without ``MultiSteps`` or with the method inside it:
+    refused with a ``ValueError`` naming this function.
   * ``optax.MultiSteps(optax.chain(method, base), k)`` (0.12-0.22: the method runs on the
     running mean of the clean gradients and only the last micro-batch's perturbed gradient is
     kept) and ``optax.chain(method, optax.MultiSteps(base, k).gradient_transformation())``
