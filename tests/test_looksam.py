@@ -193,3 +193,20 @@ def test_state_dtypes_stay_constant_across_refresh_and_reuse_steps(dtype):
     assert all(o.dtype == dtype for o in jax.tree.leaves(out))
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.gv))
   assert step._cache_size() == 1
+
+
+def test_every_device_mapping_refreshes_from_device_means_and_reuses_gv():
+  # Refresh: sam's m-sharpness gradient and g_v from the device means; reuse with g_v = 0: the
+  # mean clean gradient; the same on every device.
+  body = """
+for mode in ("vma", "novma", "pmap"):
+  out, st = run(xsam_jax.looksam(0.1, k=2, axis_name="data"), 0, mode)
+  np.testing.assert_allclose(flat(out), flat(sam_out), rtol=1e-5, atol=1e-7)
+  gv = flat(sam_out) - (flat(sam_out) @ clean) / (clean @ clean) * clean
+  np.testing.assert_allclose(flat(st.gv), gv, rtol=1e-4, atol=1e-6)
+  out, st = run(xsam_jax.looksam(0.1, k=2, axis_name="data"), 1, mode)
+  np.testing.assert_allclose(flat(out), clean, rtol=1e-5, atol=1e-7)
+  print("OK", mode)
+"""
+  out = mlp.run_on_four_devices(body)
+  assert out.count("OK") == 3, out

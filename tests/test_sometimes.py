@@ -222,3 +222,22 @@ def test_state_dtypes_stay_constant_across_ascent_and_skipped_steps(when, dtype)
     assert all(o.dtype == dtype for o in jax.tree.leaves(out))
   assert state.grad_norm.dtype == jnp.float32 and state.ascended.dtype == jnp.bool_
   assert step._cache_size() == 1
+
+
+def test_every_device_mapping_averages_over_devices_and_agrees_on_the_choice():
+  # Ascent steps give sam's m-sharpness gradient, skipped ones the mean clean gradient, the
+  # same on every device (the adaptive rule reads the device mean of ||g||^2).
+  body = """
+ASCEND = (("every", {"k": 2}), ("adaptive", {"threshold": -10.0}))
+SKIP = (("random", {"prob": 0.0}), ("adaptive", {"threshold": 10.0}))
+for mode in ("vma", "pmap"):
+  for count, cases, want in ((0, ASCEND, flat(sam_out)), (1, SKIP, clean)):
+    for when, kw in cases:
+      tx = xsam_jax.sometimes_sam(0.1, when=when, axis_name="data", **kw)
+      out, st = run(tx, count, mode)
+      np.testing.assert_allclose(flat(out), want, rtol=1e-5, atol=1e-7)
+      assert bool(st.ascended) == (count == 0)
+  print("OK", mode)
+"""
+  out = mlp.run_on_four_devices(body)
+  assert out.count("OK") == 2, out
