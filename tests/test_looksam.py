@@ -199,7 +199,7 @@ def test_every_device_mapping_refreshes_from_device_means_and_reuses_gv():
   # Refresh: sam's m-sharpness gradient and g_v from the device means; reuse with g_v = 0: the
   # mean clean gradient; the same on every device.
   body = """
-for mode in ("vma", "novma", "pmap"):
+for mode in ("vma", "pmap"):
   out, st = run(xsam_jax.looksam(0.1, k=2, axis_name="data"), 0, mode)
   np.testing.assert_allclose(flat(out), flat(sam_out), rtol=1e-5, atol=1e-7)
   gv = flat(sam_out) - (flat(sam_out) @ clean) / (clean @ clean) * clean
@@ -209,4 +209,4 @@ for mode in ("vma", "novma", "pmap"):
   print("OK", mode)
 """
   out = mlp.run_on_four_devices(body)
-  assert out.count("OK") == 3, out
+  assert out.count("OK") == 2, out

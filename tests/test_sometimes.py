@@ -1,4 +1,4 @@
-"""Tests for xsam_jax.sometimes_sam (SAM every k steps, RST/G-RST, AE-SAM) against NumPy."""
+"""Tests for xsam_jax.sometimes_sam (SAM every k steps, RST, AE-SAM) against NumPy."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_every_k_ascends_on_steps_0_k_2k_and_takes_the_clean_gradient_between(ad
 
 def test_random_ascends_on_bernoulli_draws_from_the_key_and_the_scheduled_probability():
   params = mlp.init()
-  prob = optax.linear_schedule(0.2, 0.9, STEPS)  # G-RST: a growing probability
+  prob = optax.linear_schedule(0.2, 0.9, STEPS)  # a scheduled probability
   key = jax.random.key(3)
   draws = [bool(jax.random.bernoulli(jax.random.fold_in(key, t), prob(t))) for t in range(STEPS)]
   assert 0 < sum(draws) < STEPS  # both kinds of step occur, so the test can fail

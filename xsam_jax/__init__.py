@@ -6,7 +6,7 @@ of the same minibatch loss at other parameters) as an extra argument, and hands 
 gradient to the optimizer after it.
 
 * :func:`sam` -- SAM, and ASAM with ``adaptive=True``.
-* :func:`sometimes_sam` -- SAM on a subset of steps: every k-th, random (RST/G-RST) or
+* :func:`sometimes_sam` -- SAM on a subset of steps: every k-th, random (RST) or
   adaptive (AE-SAM); the clean gradient on the others.
 * :func:`looksam` -- LookSAM: SAM every k steps, its orthogonal part reused in between.
 * :func:`eigen_sam` -- Eigen-SAM: perturbation tilted towards the top Hessian eigenvector.

@@ -1,5 +1,5 @@
 """SAM on a subset of steps, the plain gradient on the others: every k-th step, at random with a
-scheduled probability (RST / G-RST), or when the gradient norm is unusually large (AE-SAM).
+scheduled probability (RST), or when the gradient norm is unusually large (AE-SAM).
 
 The choice is a traced boolean and the ascent sits in one branch of ``lax.cond``: a step that
 skips it runs no second ``grad_fn`` call (counted at run time in ``tests/test_sometimes.py``).
@@ -139,10 +139,12 @@ def sometimes_sam(
   with :math:`a_t` from ``when``:
 
   * ``"every"``: :math:`a_t = [t \bmod k = 0]` (steps 0, k, 2k, ...).
-  * ``"random"`` (RST; G-RST with a growing ``prob`` schedule): :math:`a_t \sim
-    \mathrm{Bernoulli}(p_t)`, drawn from ``key`` folded with :math:`t`, so a run is
-    reproducible and every micro-batch of one optimizer step makes the same choice. G-RST's
-    schedule is a ``prob`` schedule, e.g. ``optax.linear_schedule(0.0, 0.5, total_steps)``.
+  * ``"random"`` (RST): :math:`a_t \sim \mathrm{Bernoulli}(p_t)` with :math:`p_t` from a
+    scheduling function (``prob``: a constant, or a schedule such as
+    ``optax.linear_schedule(0.2, 0.8, total_steps)``), drawn from ``key`` folded with
+    :math:`t`, so a run is reproducible and every micro-batch of one optimizer step makes the
+    same choice. Zhao et al.'s G-RST, which also decouples the degree of sharpness
+    regularisation from :math:`p_t`, is not reproduced here: only RST's Bernoulli rule.
   * ``"adaptive"`` (AE-SAM): with :math:`s_t = \|g_t\|^2`,
     :math:`\mu_t = \delta\mu_{t-1} + (1-\delta)s_t`,
     :math:`\sigma^2_t = \delta\sigma^2_{t-1} + (1-\delta)(s_t - \mu_t)^2` (from
@@ -203,7 +205,7 @@ def sometimes_sam(
 
   References:
     Zhao, Zhang & Hu, "Randomized Sharpness-Aware Training for Boosting Computational
-    Efficiency in Deep Learning", 2022, arXiv:2203.09962 (RST, G-RST).
+    Efficiency in Deep Learning", 2022, arXiv:2203.09962 (RST).
     Jiang, Yang, Zhang & Kwok, "An Adaptive Policy to Employ Sharpness-Aware Minimization",
     ICLR 2023, arXiv:2304.14647 (AE-SAM).
     Liu, Mai, Chen, Hsieh & You, "Towards Efficient and Scalable Sharpness-Aware
