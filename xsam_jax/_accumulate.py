@@ -188,7 +188,8 @@ def accumulate(
     if built is None:
       raise ValueError(
         "xsam_jax.accumulate: `method` is a transform not built by a xsam_jax method (sam, "
-        "eigen_sam, xsam, sometimes_sam, looksam), so it cannot be rebuilt with accumulation_steps=k. Pass a factory instead, e.g. "
+        "eigen_sam, xsam, sometimes_sam, looksam), so it cannot be rebuilt with "
+        "accumulation_steps=k. Pass a factory instead, e.g. "
         "functools.partial(optax.inject_hyperparams(xsam_jax.xsam), rho=0.05)."
       )
     factory, kwargs = built
