@@ -6,6 +6,9 @@ of the same minibatch loss at other parameters) as an extra argument, and hands 
 gradient to the optimizer after it.
 
 * :func:`sam` -- SAM, and ASAM with ``adaptive=True``.
+* :func:`sometimes_sam` -- SAM on a subset of steps: every k-th, random (RST) or
+  adaptive (AE-SAM); the clean gradient on the others.
+* :func:`looksam` -- LookSAM: SAM every k steps, its orthogonal part reused in between.
 * :func:`eigen_sam` -- Eigen-SAM: perturbation tilted towards the top Hessian eigenvector.
 * :func:`xsam` -- X-SAM: perturbed gradient corrected along the top Hessian eigenvector.
 * :func:`accumulate` -- gradient accumulation over k micro-batches, built from one k.
@@ -19,20 +22,26 @@ from xsam_jax import hessian
 from xsam_jax._accumulate import accumulate
 from xsam_jax._eigen_sam import EigenSAMState, eigen_sam
 from xsam_jax._eigvec import is_due, refresh_eigenvector
+from xsam_jax._looksam import LookSAMState, looksam
 from xsam_jax._sam import SAMState, sam
+from xsam_jax._sometimes import SometimesSAMState, sometimes_sam
 from xsam_jax._xsam import XSAMState, xsam
 
 __version__ = "0.1.0"
 
 __all__ = [
   "EigenSAMState",
+  "LookSAMState",
   "SAMState",
+  "SometimesSAMState",
   "XSAMState",
   "accumulate",
   "eigen_sam",
   "hessian",
   "is_due",
+  "looksam",
   "refresh_eigenvector",
   "sam",
+  "sometimes_sam",
   "xsam",
 ]

@@ -31,7 +31,7 @@ from xsam_jax._perturbation import DEPRECATED_ALIASES
 # Set while `accumulate` builds, initialises or updates its method: only then may a method
 # receive `accumulation_steps > 1`.
 _ACCUMULATING = contextvars.ContextVar("xsam_jax_accumulating", default=False)
-# update function of a transform built by sam / eigen_sam / xsam -> (factory, keyword arguments).
+# update function of a transform built by a method factory -> (factory, keyword arguments).
 _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 RIGHT_CALL = (
@@ -138,8 +138,9 @@ def accumulate(
     what surrounds it in the chain (``MultiSteps`` passes nothing that says so).
 
   Args:
-    method: either a transform built by :func:`~xsam_jax.sam`, :func:`~xsam_jax.eigen_sam` or
-      :func:`~xsam_jax.xsam` *without* ``accumulation_steps`` (it is rebuilt with
+    method: either a transform built by :func:`~xsam_jax.sam`, :func:`~xsam_jax.eigen_sam`,
+      :func:`~xsam_jax.xsam`, :func:`~xsam_jax.sometimes_sam` or :func:`~xsam_jax.looksam`
+      *without* ``accumulation_steps`` (it is rebuilt with
       ``accumulation_steps=k`` and the same other arguments), or a factory called as
       ``method(accumulation_steps=k)``, e.g.
       ``functools.partial(optax.inject_hyperparams(xsam_jax.xsam), rho=0.05)``.
@@ -186,8 +187,9 @@ def accumulate(
     built = _BUILT.get(method.update)
     if built is None:
       raise ValueError(
-        "xsam_jax.accumulate: `method` is a transform not built by xsam_jax.sam, eigen_sam or "
-        "xsam, so it cannot be rebuilt with accumulation_steps=k. Pass a factory instead, e.g. "
+        "xsam_jax.accumulate: `method` is a transform not built by a xsam_jax method (sam, "
+        "eigen_sam, xsam, sometimes_sam, looksam), so it cannot be rebuilt with "
+        "accumulation_steps=k. Pass a factory instead, e.g. "
         "functools.partial(optax.inject_hyperparams(xsam_jax.xsam), rho=0.05)."
       )
     factory, kwargs = built

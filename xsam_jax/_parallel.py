@@ -165,14 +165,17 @@ def _is_tracer(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def place_state(state: PyTree, params: PyTree, eigvec: PyTree | None = None) -> PyTree:
+def place_state(
+  state: PyTree, params: PyTree, eigvec: PyTree | None = None, field: str = "eigvec"
+) -> PyTree:
   """Gives a freshly initialised state the shardings that ``update`` will return.
 
   When ``init`` runs eagerly on parameters laid out with a ``NamedSharding``, the eigenvector
   takes each parameter's sharding and the scalars are replicated over the same mesh, so a
   jitted step sees identical input shardings on every call and compiles once. Under ``jit``
   (tracers) or on one device the state is returned unchanged; a jitted ``init`` is then placed
-  by its ``out_shardings``.
+  by its ``out_shardings``. ``field`` names the parameter-shaped field that ``eigvec`` fills
+  (LookSAM's ``gv``).
   """
   arrays = _concrete_arrays(params)
   meshes = [x.sharding.mesh for x in arrays if isinstance(x.sharding, jax.sharding.NamedSharding)]
@@ -182,12 +185,14 @@ def place_state(state: PyTree, params: PyTree, eigvec: PyTree | None = None) -> 
   placed = jax.tree.map(lambda x: jax.device_put(x, replicated), state)
   if eigvec is not None:
     placed = placed._replace(
-      eigvec=jax.tree.map(
-        lambda v, p: jax.device_put(
-          v, p.sharding if isinstance(p.sharding, jax.sharding.NamedSharding) else replicated
-        ),
-        eigvec,
-        params,
-      )
+      **{
+        field: jax.tree.map(
+          lambda v, p: jax.device_put(
+            v, p.sharding if isinstance(p.sharding, jax.sharding.NamedSharding) else replicated
+          ),
+          eigvec,
+          params,
+        )
+      }
     )
   return placed

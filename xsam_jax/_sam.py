@@ -95,6 +95,45 @@ def sam_perturbation(
   return optax.tree.scale(rho / (optax.tree.norm(tg) + eps), t2g), grad_norm
 
 
+class Ascent(NamedTuple):
+  """What :func:`sam_ascent` returns: the perturbed gradient and the four SAM diagnostics."""
+
+  grads: PyTree
+  grad_norm: jax.Array
+  perturbation_norm: jax.Array
+  adv_grad_norm: jax.Array
+  ascent_curvature: jax.Array
+
+
+def sam_ascent(
+  updates: PyTree,
+  params: PyTree,
+  grad_fn: Callable[[PyTree], PyTree],
+  rho: jax.Array,
+  *,
+  adaptive: bool,
+  eta: float,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] | None,
+  eps: float,
+  axis_name: str | None,
+) -> Ascent:
+  r"""One SAM (or ASAM) ascent: :math:`g_{adv} = \nabla L_B(w + \epsilon)` and the diagnostics.
+
+  One ``grad_fn`` call. With ``axis_name`` the ascent is each device's own and every returned
+  value is the mean over devices (see :class:`SAMState` for each field). The shared step of
+  :func:`sam`, :func:`~xsam_jax.sometimes_sam` and :func:`~xsam_jax.looksam`.
+  """
+  mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
+  perturbation, grad_norm = sam_perturbation(
+    updates, params, rho, adaptive=adaptive, eta=eta, adaptive_mask=mask, eps=eps
+  )
+  adv_grads, curvature = perturbed_gradient(grad_fn, params, perturbation, axis_name, updates, eps)
+  grad_norm, perturbation_norm = device_mean(
+    (grad_norm, tree_norm(perturbation)), axis_name, what="the gradient norm"
+  )
+  return Ascent(adv_grads, grad_norm, perturbation_norm, tree_norm(adv_grads), curvature)
+
+
 @record_arguments
 def sam(
   rho: ScalarOrSchedule = 0.05,
@@ -207,29 +246,24 @@ def sam(
     del extra_args
     check_update_args(method, params, grad_fn)
     check_clean_gradient(updates, method, axis_name)
-    mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
-    perturbation, grad_norm = sam_perturbation(
+    ascent = sam_ascent(
       updates,
       params,
+      grad_fn,
       read_hyperparam(rho, state.count // accumulation_steps, scalar_dtype(params)),
       adaptive=adaptive,
       eta=eta,
-      adaptive_mask=mask,
+      adaptive_mask=adaptive_mask,
       eps=eps,
-    )
-    adv_grads, curvature = perturbed_gradient(
-      grad_fn, params, perturbation, axis_name, updates, eps
-    )
-    grad_norm, perturbation_norm = device_mean(
-      (grad_norm, tree_norm(perturbation)), axis_name, what="the gradient norm"
+      axis_name=axis_name,
     )
     new_state = SAMState(
       count=optax.safe_increment(state.count),
-      grad_norm=grad_norm,
-      perturbation_norm=perturbation_norm,
-      adv_grad_norm=tree_norm(adv_grads),
-      ascent_curvature=curvature,
+      grad_norm=ascent.grad_norm,
+      perturbation_norm=ascent.perturbation_norm,
+      adv_grad_norm=ascent.adv_grad_norm,
+      ascent_curvature=ascent.ascent_curvature,
     )
-    return tree_cast_like(adv_grads, params), keep_dtypes(new_state, state)
+    return tree_cast_like(ascent.grads, params), keep_dtypes(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
