@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Reuse XLA compilations across processes and runs (the CPU demo and tests compile a lot).
 export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(VENV))/xla-cache
 
-.PHONY: setup fashion-mnist test test-floors test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study study-fashion study-gpu start transformer clean
+.PHONY: setup fashion-mnist test test-floors test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study study-fashion study-gpu ablation ablation-fashion start transformer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -126,6 +126,17 @@ study-fashion: $(STAMP)
 FASHION_MNIST_DATA ?= $(FASHION_MNIST_DIR)
 study-gpu:
 	$(PYTHON) -m experiments.analysis.study_gpu --data_dir $(FASHION_MNIST_DATA) --root runs/study_gpu --out experiments/figures/study_gpu
+
+# Does the eigenvector matter? X-SAM with v from power iteration (the papers), a random unit
+# vector, or 20 power iterations over the whole training set, and SAM, at the study's
+# validation choice, 40% noise, its 5 seeds (reads experiments/figures/study_digits.json);
+# resumable. See experiments/RESULTS.md for its wall time.
+ablation: $(STAMP)
+	$(BIN)/python -m experiments.analysis.ablation --dataset digits --root runs/ablation_digits --out experiments/figures/ablation_digits
+
+# The same on Fashion-MNIST, from the Fashion-MNIST study's JSON (make study-fashion first).
+ablation-fashion: $(STAMP)
+	$(BIN)/python -m experiments.analysis.ablation --dataset fashion_mnist --study experiments/figures/study_fashion.json --root runs/ablation_fashion --out experiments/figures/ablation_fashion
 
 # The first epochs: PyTorch-default init (before) against LeCun normal, and rho warm-up.
 start: $(STAMP)

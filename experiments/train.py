@@ -124,6 +124,7 @@ def make_train_step(
   spec: OptimizerSpec,
   state_sharding: Any = None,
   batch_sharding: NamedSharding | None = None,
+  eig_batch: tuple[Any, Any] | None = None,
 ):
   """The jitted step ``(state, batch, *, refresh) -> (state, metrics)``.
 
@@ -131,16 +132,22 @@ def make_train_step(
   ``out_shardings`` pin the state to that layout: parameters, their optimizer-state twins and
   the ``eigvec`` the library returns keep their shardings from step to step, metrics come back
   replicated, and the step compiles once (once per ``refresh`` value on the static path).
+
+  With ``eig_batch`` (``(images, labels)``, ``config.eig_examples > 0``: see
+  :func:`fixed_train_examples`) the eigenvector's HVPs are those of the eval-mode loss on that
+  fixed set (:func:`fixed_examples_grad_fn`), passed to the step as an argument (replicated),
+  not the minibatch's.
   """
   dropout_key = jax.random.key(config.seed + 1)
   shardings: dict[str, Any] = {}
   if state_sharding is not None:
     replicated = sharding_lib.replicated(batch_sharding.mesh)
     shardings = dict(
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated)
+      in_shardings=(state_sharding, batch_sharding, replicated),
+      out_shardings=(state_sharding, replicated),
     )
 
-  def step(state, batch, refresh):
+  def step(state, batch, eig_batch, refresh):
     out = training.linen_grad_fns(
       state,
       cross_entropy,
@@ -154,7 +161,9 @@ def make_train_step(
       extra["grad_fn"] = out.grad_fn
     if spec.tracks_eigvec:
       extra["refresh"] = refresh
-      if config.eig_eval_mode:
+      if eig_batch is not None:
+        extra["eig_grad_fn"] = fixed_examples_grad_fn(state, *eig_batch)
+      elif config.eig_eval_mode:
         extra["eig_grad_fn"] = out.eig_grad_fn
     state = state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats, **extra)
     metrics = {"loss": out.loss, "accuracy": out.aux, "grad_norm": optax.tree.norm(out.grads)}
@@ -164,10 +173,10 @@ def make_train_step(
     return state, metrics
 
   # `refresh` is positional inside: jit accepts no keyword arguments with in_shardings.
-  compiled = jax.jit(step, static_argnums=(2,), donate_argnums=(0,), **shardings)
+  compiled = jax.jit(step, static_argnums=(3,), donate_argnums=(0,), **shardings)
 
   def train_step(state, batch, *, refresh=None):
-    return compiled(state, batch, refresh)
+    return compiled(state, batch, eig_batch, refresh)
 
   train_step.jitted = compiled  # for compile counts: train_step.jitted._cache_size()
   return train_step
@@ -224,6 +233,37 @@ def _eval_loss(params, batch_stats, apply_fn, images, labels):
   return cross_entropy(apply_fn(variables, images, train=False), labels)[0]
 
 
+def fixed_train_examples(
+  dataset: data_lib.Dataset, n: int, mesh: Mesh | None = None
+) -> tuple[Any, Any]:
+  """The first ``min(n, num_train)`` training examples, normalised and unaugmented.
+
+  The fixed set of the independent λ_max estimate and of ``eig_examples``. With ``mesh``, they
+  come back as global arrays replicated on it (every process passes the same rows).
+
+  Returns:
+    ``(images, labels)``: float images and int32 labels.
+  """
+  n = min(n, dataset.num_train)
+  images = data_lib.normalize(dataset.train_images[:n], dataset.mean, dataset.std)
+  labels = dataset.train_labels[:n].astype(np.int32)
+  if mesh is not None:
+    replicated = sharding_lib.replicated(mesh)
+    images, labels = (
+      jax.make_array_from_process_local_data(replicated, x) for x in (images, labels)
+    )
+  return images, labels
+
+
+def fixed_examples_grad_fn(state: training.TrainState, images: Any, labels: Any):
+  """``params -> grads`` of the eval-mode loss on a fixed set (``eig_examples``'s ``eig_grad_fn``).
+
+  BatchNorm uses the running averages in ``state.batch_stats`` (before the step's update), as
+  the minibatch ``eig_grad_fn`` of :func:`xsam_jax.training.linen_grad_fns` does.
+  """
+  return jax.grad(lambda p: _eval_loss(p, state.batch_stats, state.apply_fn, images, labels))
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _eval_hvp(params, batch_stats, apply_fn, images, labels, v):
   grad_fn = jax.grad(lambda p: _eval_loss(p, batch_stats, apply_fn, images, labels))
@@ -243,17 +283,10 @@ def lambda_max(state, dataset: data_lib.Dataset, config: TrainConfig) -> float:
   Lanczos loop runs on the host around one jitted HVP (HVPs inside a compiled loop run ~35x
   slower there, and an unrolled program takes ~45 s to compile); elsewhere it is one program.
   """
-  n = min(config.lambda_max_examples, dataset.num_train)
-  images = data_lib.normalize(dataset.train_images[:n], dataset.mean, dataset.std)
-  labels = dataset.train_labels[:n].astype(np.int32)
   shardings = {x.sharding for x in jax.tree.leaves(state.params)}
-  if any(isinstance(s, NamedSharding) for s in shardings):
-    # The same examples on every device, as global arrays of the parameters' mesh.
-    mesh = next(s.mesh for s in shardings if isinstance(s, NamedSharding))
-    replicated = sharding_lib.replicated(mesh)
-    images, labels = (
-      jax.make_array_from_process_local_data(replicated, x) for x in (images, labels)
-    )
+  # The same examples on every device, as global arrays of the parameters' mesh.
+  mesh = next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
+  images, labels = fixed_train_examples(dataset, config.lambda_max_examples, mesh)
   key = jax.random.key(config.seed + 2)
   args = (state.params, state.batch_stats, state.apply_fn, images, labels)
   if jax.default_backend() != "cpu":
@@ -545,6 +578,9 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
   summary_path = Path(workdir) / SUMMARY_FILE
   static = spec.tracks_eigvec and use_static_refresh(config)
   split = eval_split(config)
+  eig_used = None  # the size of the fixed set of the eigenvector's HVPs (eig_examples)
+  if spec.tracks_eigvec and config.eig_examples:
+    eig_used = min(config.eig_examples, dataset.num_train)
   if start_epoch >= config.epochs:
     state = run.restore(state, start_epoch)
     if summary_path.exists():
@@ -557,7 +593,7 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
         **evaluate(state, dataset, config.batch_size, mesh, split),
       }
       lam = lambda_max(state, dataset, config)
-      summary = _summary(config, spec, static, state, record, lam, start_time, 0.0, mesh)
+      summary = _summary(config, spec, static, state, record, lam, start_time, 0.0, mesh, eig_used)
       run.write_summary(summary)
     run.close()
     return summary, state
@@ -571,7 +607,10 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
   elif start_epoch:
     state = run.restore(state, start_epoch)
     run.log({"kind": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})
-  train_step = make_train_step(config, spec, state_sharding, batch_sharding)
+  eig_batch = None
+  if spec.tracks_eigvec and config.eig_examples:
+    eig_batch = fixed_train_examples(dataset, config.eig_examples, mesh)
+  train_step = make_train_step(config, spec, state_sharding, batch_sharding, eig_batch)
   total_steps = config.epochs * steps_per_epoch
   progress = _progress(config, total_steps, start_epoch * steps_per_epoch + first_step)
   stop_epoch = config.epochs
@@ -650,7 +689,9 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
     progress.close()
   summary = None
   if stop_epoch == config.epochs and record:
-    summary = _summary(config, spec, static, state, record, lam, start_time, train_seconds, mesh)
+    summary = _summary(
+      config, spec, static, state, record, lam, start_time, train_seconds, mesh, eig_used
+    )
     run.write_summary(summary)
   run.close()
   return summary, state
@@ -684,8 +725,12 @@ def _summary(
   start_time: float,
   train_seconds: float,
   mesh: Mesh,
+  eig_examples: int | None = None,
 ) -> dict[str, Any]:
-  """The ``summary.json`` of a finished run from its last epoch ``record`` and lambda_max."""
+  """The ``summary.json`` of a finished run from its last epoch ``record`` and lambda_max.
+
+  ``eig_examples``: the size of the fixed set of the eigenvector's HVPs (None: minibatches).
+  """
   return {
     "dataset": config.dataset,
     "model": config.model,
@@ -712,6 +757,8 @@ def _summary(
     "train_seconds_this_run": train_seconds,
     "refresh_path": ("static" if static else "cond") if spec.tracks_eigvec else None,
     "refresh_every": spec.refresh_every if spec.tracks_eigvec else None,
+    # The fixed set of the eigenvector's HVPs (None: each step's minibatch).
+    "eig_examples": eig_examples,
     "backend": jax.default_backend(),
     "devices": jax.device_count(),
     "processes": jax.process_count(),

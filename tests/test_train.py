@@ -14,10 +14,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 from launch_processes import FAST_COMPILE, read_checkpoint, xla_flags
 
+import xsam_jax
 from experiments import data as data_lib
 from experiments import train as train_lib
 from experiments.configs.base import load_config
@@ -424,3 +426,55 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_ends_bit_identical(
   assert _tree_digest(resumed_state.opt_state) == _tree_digest(state.opt_state)
   for key in ("test_accuracy", "test_loss", "final_train_loss", "final_lambda_max"):
     assert resumed[key] == summary[key], key
+
+
+def test_eig_examples_takes_the_eigenvector_from_the_fixed_training_examples(tmp_path):
+  # One epoch of 2 steps with refresh_every=100: only step 0 refreshes, at the initial
+  # parameters, so the final state's eigval is that refresh's. The reference runs the library's
+  # refresh_eigenvector from the same initial state with the eval-mode loss of the first 40
+  # training images, independently of the train step; step 0's minibatch gives another value,
+  # so the test tells the fixed set from the minibatch (the old behaviour).
+  extra = ("epochs=1", "train_examples=64", "batch_size=32", "refresh_every=100", "power_iters=3")
+  config = _config("xsam", *extra, "eig_examples=40")
+  summary, state = train_lib.train(config, tmp_path)
+  assert summary["eig_examples"] == 40
+  dataset = data_lib.load_dataset(
+    config.dataset, label_noise=config.label_noise, seed=config.seed, train_examples=64
+  )
+  spec = build_optimizer(config, data_lib.steps_per_epoch(dataset.num_train, config.batch_size))
+  state0 = train_lib.create_state(config, dataset, spec)
+
+  def reference(images, labels):
+    def loss(p):
+      variables = {"params": p}
+      if state0.batch_stats:
+        variables["batch_stats"] = state0.batch_stats
+      logits = state0.apply_fn(variables, images, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    refreshed = xsam_jax.refresh_eigenvector(state0.opt_state, state0.params, jax.grad(loss))
+    return float(optax.tree.get(refreshed, "eigval"))
+
+  images = data_lib.normalize(dataset.train_images[:40], dataset.mean, dataset.std)
+  labels = np.asarray(dataset.train_labels[:40], np.int32)
+  got = float(optax.tree.get(state.opt_state, "eigval"))
+  np.testing.assert_allclose(got, reference(images, labels), rtol=1e-4)
+  # The old source, step 0's minibatch (eig_examples=0), gives another eigenvalue there.
+  batch = next(data_lib.train_batches(dataset, 32, config.seed, 0, augment=config.augment))
+  minibatch = reference(batch["image"], np.asarray(batch["label"], np.int32))
+  assert abs(minibatch - got) > 1e-3 * abs(got)
+
+
+@pytest.mark.parametrize(
+  ("override", "match"),
+  [
+    ("eig_examples=-1", "`eig_examples` must be >= 0 (0: each step's minibatch), got -1"),
+    ("eig_examples=64 eig_eval_mode=false", "`eig_examples` 64 needs eig_eval_mode=true"),
+  ],
+)
+def test_bad_eig_examples_is_refused_before_anything_is_written(override, match, capsys, tmp_path):
+  sets = [a for o in override.split() for a in ("--set", o)]
+  code = train_lib.main(["--config", f"{CONFIG}:xsam", "--workdir", str(tmp_path / "run"), *sets])
+  assert code == 2
+  assert match in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()

@@ -89,6 +89,12 @@ class TrainConfig:
   # "random" (a random unit vector, no HVPs: the control for whether curvature matters)
   tracker: str = "power"
   eig_eval_mode: bool = True  # HVPs with eval-mode BatchNorm, as the papers' code
+  # Eigen-SAM/X-SAM: 0 takes the HVPs on each step's minibatch (the papers); N > 0 takes them
+  # on a fixed set, the first min(N, training examples) training images (after the subset and
+  # validation split; unaugmented, eval-mode loss): every refresh then runs q HVPs of that
+  # set's loss. Needs eig_eval_mode=true. The "well-estimated v" arm of the eigenvector
+  # ablation (experiments/analysis/ablation.py).
+  eig_examples: int = 0
   refresh_path: str = "auto"  # "cond" (one compile), "static" (host decides), "auto"
   # Devices: "data=N,model=M" splits the batch over all N*M devices and large weights over the
   # M of `model` (experiments/sharding.py); "" is data=<all devices>, model=1. The result does
@@ -161,6 +167,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
   ("eta", lambda x: x >= 0, ">= 0"),
   ("refresh_every", lambda x: x >= 1, ">= 1"),
   ("power_iters", lambda x: x >= 1, ">= 1"),
+  ("eig_examples", lambda x: x >= 0, ">= 0 (0: each step's minibatch)"),
   ("seed", lambda x: x >= 0, ">= 0"),
   ("eval_every", lambda x: x >= 1, ">= 1"),
   ("checkpoint_every", lambda x: x >= 1, ">= 1"),
@@ -238,6 +245,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         f"`{name}` must be {requirement}, got {value!r}; set it with --set {name}=VALUE "
         "(nothing was built or written)"
       )
+  if config.eig_examples and not config.eig_eval_mode:
+    raise ValueError(
+      f"`eig_examples` {config.eig_examples} needs eig_eval_mode=true: the fixed set's Hessian "
+      "is that of its eval-mode loss (BatchNorm running averages); set --set eig_eval_mode=true "
+      "or --set eig_examples=0 (nothing was built or written)"
+    )
   if config.compute_dtype == "float64" and not jax.config.jax_enable_x64:
     raise ValueError(
       "compute_dtype 'float64' needs 64-bit JAX: start the run with JAX_ENABLE_X64=1 in the "
