@@ -141,35 +141,3 @@ def test_missing_grad_fn_raises_value_error(quadratic):
     tx.update(
       jax.grad(quadratic.loss)(quadratic.params), tx.init(quadratic.params), quadratic.params
     )
-
-
-def test_empty_params_raise_value_error_naming_params_at_init_and_update(quadratic):
-  grad_fn = jax.grad(quadratic.loss)
-  for tracker in ("power", "lanczos"):
-    tx = xsam_jax.eigen_sam(solver=tracker)
-    for empty in ({}, {"w": jnp.zeros((0, 3))}):
-      with pytest.raises(ValueError, match=r"xsam_jax.eigen_sam: `params` holds no entries"):
-        tx.init(empty)
-      with pytest.raises(ValueError, match=r"xsam_jax.eigen_sam: `params` holds no entries"):
-        tx.update(empty, tx.init(quadratic.params), empty, grad_fn=grad_fn)
-
-
-@pytest.mark.parametrize(
-  ("tracker", "hvp_method"), [("power", "exact"), ("lanczos", "forward_difference")]
-)
-def test_a_zero_size_leaf_next_to_non_empty_ones_just_works(tracker, hvp_method, quadratic):
-  with_empty = {**quadratic.params, "z": jnp.zeros((0, 2))}  # ravels to the same flat vector
-  lam, _ = quadratic.top_eigvec()
-  tx = xsam_jax.eigen_sam(rho=0.05, num_iters=30, solver=tracker, hvp_method=hvp_method)
-  out = {}
-  for name, params in (("plain", quadratic.params), ("with_empty", with_empty)):
-    grad_fn = jax.grad(quadratic.loss)
-    out[name] = jax.jit(lambda s, p=params, f=grad_fn: tx.update(f(p), s, p, grad_fn=f))(
-      tx.init(params)
-    )
-  updates, state = out["with_empty"]
-  assert updates["z"].shape == (0, 2) and state.eigvec["z"].shape == (0, 2)
-  np.testing.assert_allclose(state.eigval, lam, rtol=1e-3)
-  np.testing.assert_allclose(state.eigval, out["plain"][1].eigval, rtol=1e-3)
-  for key in ("a", "b"):
-    np.testing.assert_allclose(updates[key], out["plain"][0][key], rtol=1e-3, atol=1e-5)

@@ -575,3 +575,39 @@ def test_a_state_from_another_seeds_init_updates_through_a_shared_step(make, qua
   state = make(key=1).init(params)
   new = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)[1]
   assert jax.tree.structure(new) == jax.tree.structure(state) and new.settings.seed == 1
+
+
+@pytest.mark.parametrize("name", ["eigen_sam", "xsam"])
+def test_empty_params_raise_value_error_naming_params_at_init_and_update(name, quadratic):
+  grad_fn = jax.grad(quadratic.loss)
+  make = getattr(xsam_jax, name)
+  for solver in ("power", "lanczos"):
+    tx = make(solver=solver)
+    for empty in ({}, {"w": jnp.zeros((0, 3))}):
+      with pytest.raises(ValueError, match=rf"xsam_jax.{name}: `params` holds no entries"):
+        tx.init(empty)
+      with pytest.raises(ValueError, match=rf"xsam_jax.{name}: `params` holds no entries"):
+        tx.update(empty, tx.init(quadratic.params), empty, grad_fn=grad_fn)
+
+
+@pytest.mark.parametrize("name", ["eigen_sam", "xsam"])
+@pytest.mark.parametrize(
+  ("solver", "hvp_method"), [("power", "exact"), ("lanczos", "forward_difference")]
+)
+def test_a_zero_size_leaf_next_to_non_empty_ones_just_works(name, solver, hvp_method, quadratic):
+  with_empty = {**quadratic.params, "z": jnp.zeros((0, 2))}  # ravels to the same flat vector
+  lam, _ = quadratic.top_eigvec()
+  make = getattr(xsam_jax, name)
+  tx = make(rho=0.05, num_iters=30, solver=solver, hvp_method=hvp_method)
+  out = {}
+  for label, params in (("plain", quadratic.params), ("with_empty", with_empty)):
+    grad_fn = jax.grad(quadratic.loss)
+    out[label] = jax.jit(lambda s, p=params, f=grad_fn: tx.update(f(p), s, p, grad_fn=f))(
+      tx.init(params)
+    )
+  updates, state = out["with_empty"]
+  assert updates["z"].shape == (0, 2) and state.eigvec["z"].shape == (0, 2)
+  np.testing.assert_allclose(state.eigval, lam, rtol=1e-3)
+  np.testing.assert_allclose(state.eigval, out["plain"][1].eigval, rtol=1e-3)
+  for key in ("a", "b"):
+    np.testing.assert_allclose(updates[key], out["plain"][0][key], rtol=1e-3, atol=1e-5)
