@@ -25,11 +25,10 @@ from xsam_jax._perturbation import (
   read_hyperparam,
   scalar_dtype,
   tree_all_finite,
-  tree_cast_like,
   tree_norm,
   tree_to_f32,
 )
-from xsam_jax._sam import sam_ascent
+from xsam_jax._sam import cast_ascent, sam_ascent, skipped_ascent
 
 PyTree = Any
 
@@ -207,24 +206,18 @@ def looksam(
       finite = tree_all_finite(gv)
       gv = jax.tree.map(lambda n, o: jnp.where(finite, n.astype(o.dtype), o), gv, state.gv)
       skipped = state.skipped_refreshes + (~finite).astype(state.skipped_refreshes.dtype)
-      norms = ascent.grad_norm, ascent.perturbation_norm, ascent.adv_grad_norm
-      return ascent.grads, gv, (*norms, ascent.ascent_curvature), skipped
+      return cast_ascent(ascent, params, dtype), gv, skipped
 
     def reuse():
       gv = state.gv
       scale = read_hyperparam(alpha, step, dtype) * tree_norm(grads) / (tree_norm(gv) + eps)
       out = optax.tree.add_scale(grads, scale, gv)
-      grad_norm = device_mean(tree_norm(updates), axis_name, what="the gradient norm")
-      norms = grad_norm, jnp.zeros_like(grad_norm), state.adv_grad_norm, state.ascent_curvature
-      return out, gv, norms, state.skipped_refreshes
+      step_out = skipped_ascent(out, updates, state, axis_name)
+      return cast_ascent(step_out, params, dtype), gv, state.skipped_refreshes
 
-    def cast(branch):
-      out, gv, norms, skipped = branch()
-      norms = tuple(jnp.asarray(x).astype(dtype) for x in norms)
-      return tree_cast_like(out, params), gv, norms, skipped
-
-    out, gv, norms, skipped = jax.lax.cond(due, lambda: cast(refresh), lambda: cast(reuse))
-    grad_norm, perturbation_norm, adv_grad_norm, curvature = norms
+    (out, grad_norm, perturbation_norm, adv_grad_norm, curvature), gv, skipped = jax.lax.cond(
+      due, refresh, reuse
+    )
     new_state = LookSAMState(
       count=optax.safe_increment(state.count),
       grad_norm=grad_norm,

@@ -134,6 +134,33 @@ def sam_ascent(
   return Ascent(adv_grads, grad_norm, perturbation_norm, tree_norm(adv_grads), curvature)
 
 
+def skipped_ascent(
+  mean_grads: PyTree, updates: PyTree, state: Any, axis_name: str | None
+) -> Ascent:
+  """A step whose ascent is skipped, as an :class:`Ascent`: the clean gradient and diagnostics.
+
+  ``mean_grads`` is the (device-averaged) clean gradient the step hands on; ``grad_norm`` is the
+  device mean of the local norms of ``updates``, ``perturbation_norm`` is 0, and the last
+  ascent's ``adv_grad_norm`` and ``ascent_curvature`` are kept from ``state``. The skip branch of
+  :func:`~xsam_jax.sometimes_sam` and the reuse branch of :func:`~xsam_jax.looksam`.
+  """
+  grad_norm = device_mean(tree_norm(updates), axis_name, what="the gradient norm")
+  return Ascent(
+    mean_grads,
+    grad_norm,
+    jnp.zeros_like(grad_norm),
+    state.adv_grad_norm,
+    state.ascent_curvature,
+  )
+
+
+def cast_ascent(ascent: Ascent, params: PyTree, dtype: jnp.dtype) -> Ascent:
+  """Gradients in the params' dtypes and diagnostics in ``dtype``: both ``lax.cond`` branches
+  of a transform that sometimes ascends return the same types."""
+  scalars = (jnp.asarray(x).astype(dtype) for x in ascent[1:])
+  return Ascent(tree_cast_like(ascent.grads, params), *scalars)
+
+
 @record_arguments
 def sam(
   rho: ScalarOrSchedule = 0.05,

@@ -27,10 +27,9 @@ from xsam_jax._perturbation import (
   keep_dtypes,
   read_hyperparam,
   scalar_dtype,
-  tree_cast_like,
   tree_norm,
 )
-from xsam_jax._sam import sam_ascent
+from xsam_jax._sam import cast_ascent, sam_ascent, skipped_ascent
 
 PyTree = Any
 
@@ -284,7 +283,7 @@ def sometimes_sam(
     due, mean, var = decide(state, sq_norm.astype(dtype), step, dtype)
 
     def ascend():
-      ascent = sam_ascent(
+      return sam_ascent(
         updates,
         params,
         grad_fn,
@@ -295,21 +294,12 @@ def sometimes_sam(
         eps=eps,
         axis_name=axis_name,
       )
-      norms = ascent.grad_norm, ascent.perturbation_norm, ascent.adv_grad_norm
-      return tree_cast_like(ascent.grads, params), (*norms, ascent.ascent_curvature)
 
     def skip():
-      grads = device_mean(updates, axis_name)
-      grad_norm = device_mean(local_norm, axis_name, what="the gradient norm")
-      norms = grad_norm, jnp.zeros_like(grad_norm), state.adv_grad_norm, state.ascent_curvature
-      return tree_cast_like(grads, params), norms
+      return skipped_ascent(device_mean(updates, axis_name), updates, state, axis_name)
 
-    def cast(branch):
-      grads, norms = branch()
-      return grads, tuple(jnp.asarray(x).astype(dtype) for x in norms)
-
-    grads, (grad_norm, perturbation_norm, adv_grad_norm, curvature) = jax.lax.cond(
-      due, lambda: cast(ascend), lambda: cast(skip)
+    grads, grad_norm, perturbation_norm, adv_grad_norm, curvature = jax.lax.cond(
+      due, lambda: cast_ascent(ascend(), params, dtype), lambda: cast_ascent(skip(), params, dtype)
     )
     count = optax.safe_increment(state.count)
     ascent_steps = state.ascent_steps + due.astype(state.ascent_steps.dtype)
