@@ -85,11 +85,27 @@ def sharpness_method(
   correction: str = "projection",
   key: int = 0,
   solver: str = "power",
+  sam_every_k: int = 5,
+  sam_prob: float | optax.Schedule = 0.5,
+  ae_decay: float = 0.9,
+  ae_threshold: float | optax.Schedule = 0.0,
+  looksam_k: int = 5,
+  looksam_alpha: float = 0.7,
+  looksam_adaptive: bool = False,
 ) -> optax.GradientTransformationExtraArgs | None:
   """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term).
 
   ``asam`` rescales only the leaves :func:`asam_mask` selects (weights, not biases), as the
-  official ASAM code does.
+  official ASAM code does. The cheaper SAM variants (issue 21):
+
+  * ``sam_every``: :func:`xsam_jax.sometimes_sam` ``when="every"``, ``k=sam_every_k``
+    (:math:`1 + 1/k` gradients per step).
+  * ``rst``: ``when="random"``, ``prob=sam_prob``, ``key=key`` (RST, :math:`1 + p`).
+  * ``ae_sam``: ``when="adaptive"``, ``decay=ae_decay``, ``threshold=ae_threshold`` (AE-SAM;
+    :func:`build_optimizer` passes the linear :math:`c_t` schedule).
+  * ``looksam``: :func:`xsam_jax.looksam` with ``k=looksam_k``, ``alpha=looksam_alpha``;
+    ``looksam_adaptive`` takes ASAM's neighbourhood on refresh steps (``eta``,
+    :func:`asam_mask`), Adaptive LookSAM.
   """
   if method in ("sgd", "adamw"):
     return None
@@ -97,6 +113,15 @@ def sharpness_method(
     return xsam_jax.sam(rho=rho)
   if method == "asam":
     return xsam_jax.sam(rho=rho, adaptive=True, eta=eta, adaptive_mask=asam_mask)
+  if method == "sam_every":
+    return xsam_jax.sometimes_sam(rho, when="every", k=sam_every_k)
+  if method == "rst":
+    return xsam_jax.sometimes_sam(rho, when="random", prob=sam_prob, key=key)
+  if method == "ae_sam":
+    return xsam_jax.sometimes_sam(rho, when="adaptive", decay=ae_decay, threshold=ae_threshold)
+  if method == "looksam":
+    adaptive = dict(adaptive=True, eta=eta, adaptive_mask=asam_mask) if looksam_adaptive else {}
+    return xsam_jax.looksam(rho, k=looksam_k, alpha=looksam_alpha, **adaptive)
   eig = dict(
     rho=rho,
     alpha=alpha,
@@ -110,7 +135,8 @@ def sharpness_method(
   if method == "xsam":
     return xsam_jax.xsam(**eig, normalize=normalize, correction=correction)
   raise ValueError(
-    f"unknown sharpness method {method!r}; choose one of sgd, sam, asam, eigen_sam, xsam"
+    f"unknown sharpness method {method!r}; choose one of sgd, sam, asam, eigen_sam, xsam, "
+    "sam_every, rst, ae_sam, looksam"
   )
 
 
@@ -136,7 +162,9 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
 
   SGD family: ``add_decayed_weights(wd)`` then ``sgd(lr, momentum)`` (torch's coupled weight
   decay, as in the papers' code). AdamW family: ``optax.adamw`` (decoupled decay). The
-  sharpness method always comes first, so it sees the raw minibatch gradient.
+  sharpness method always comes first, so it sees the raw minibatch gradient. The method is
+  the name without ``_adamw`` (``looksam_adamw``: :func:`xsam_jax.looksam` then AdamW); its
+  hyperparameters are the config fields of :func:`sharpness_method`'s arguments.
   """
   schedule = learning_rate(config, steps_per_epoch)
   adamw = config.optimizer.endswith("adamw")
@@ -164,6 +192,16 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     correction=config.correction,
     key=config.seed,
     solver=config.tracker,
+    sam_every_k=config.sam_every_k,
+    sam_prob=config.sam_prob,
+    ae_decay=config.ae_decay,
+    # AE-SAM's c_t, linear from lambda_1 to lambda_2 over the run (Jiang et al., Algorithm 1).
+    ae_threshold=optax.linear_schedule(
+      config.ae_threshold_start, config.ae_threshold_end, config.epochs * steps_per_epoch
+    ),
+    looksam_k=config.looksam_k,
+    looksam_alpha=config.looksam_alpha,
+    looksam_adaptive=config.looksam_adaptive,
   )
   tx = base if sharp is None else optax.chain(sharp, base)
   return OptimizerSpec(
@@ -172,3 +210,62 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     tracks_eigvec=method in ("eigen_sam", "xsam"),
     refresh_every=refresh_every,
   )
+
+
+def _is_sharpness_state(node: Any) -> bool:
+  return isinstance(node, tuple) and "perturbation_norm" in getattr(node, "_fields", ())
+
+
+def sharpness_state(opt_state: Any) -> Any | None:
+  """The state of the chain's sharpness method: the first NamedTuple with ``perturbation_norm``.
+
+  Every sharpness transform of the library (``SAMState``, ``EigenSAMState``, ``XSAMState``,
+  ``SometimesSAMState``, ``LookSAMState``) has that field and the base optimizers' states do
+  not, so it is found wherever the chain (or a wrapper such as ``optax.apply_if_finite``) puts
+  it. None for a chain without one (SGD, AdamW).
+  """
+  nodes = jax.tree.leaves(opt_state, is_leaf=_is_sharpness_state)
+  return next((n for n in nodes if _is_sharpness_state(n)), None)
+
+
+def gradient_evaluations(steps: int, opt_state: Any, refresh_every: int) -> dict[str, int]:
+  r"""The gradient evaluations a run made, counted from its optimizer state (host values).
+
+  * ``grad_evals_clean``: one minibatch gradient per step, ``steps``.
+  * ``grad_evals_ascent``: the second gradient at :math:`w + \epsilon`: the state's
+    ``ascent_steps`` where it has one (:func:`xsam_jax.sometimes_sam`, :func:`xsam_jax.looksam`:
+    the steps that really ascended), else its ``count`` (SAM, ASAM, Eigen-SAM, X-SAM ascend on
+    every ``update`` call).
+  * ``hvps``: Eigen-SAM/X-SAM: ``num_iters`` Hessian-vector products per refresh (0 with
+    ``solver="random"``), the refreshes being the ``update`` calls :math:`t < \mathrm{count}`
+    with :math:`t \bmod p = 0` (:func:`xsam_jax.is_due`, the rule of both refresh paths); the
+    solver and ``num_iters`` are read from the state's ``settings``.
+  * ``grad_evals``: the sum, one HVP counted as one gradient evaluation (an exact HVP costs
+    ~1.5-3x a gradient in wall time: ``benchmarks/RESULTS.md``).
+
+  Read it between steps (at epoch end): it converts device scalars to Python ints, a host sync.
+
+  Args:
+    steps: the optimizer steps taken (``TrainState.step``).
+    opt_state: the chain's state.
+    refresh_every: the eigenvector refresh period :math:`p` the transform uses.
+
+  Returns:
+    ``{"grad_evals_clean", "grad_evals_ascent", "hvps", "grad_evals"}``, Python ints.
+  """
+  sharp = sharpness_state(opt_state)
+  ascent = hvps = 0
+  if sharp is not None:
+    calls = int(jax.device_get(sharp.count))
+    field = "ascent_steps" if "ascent_steps" in sharp._fields else "count"
+    ascent = int(jax.device_get(getattr(sharp, field)))
+    settings = getattr(sharp, "settings", None)
+    if "eigvec" in sharp._fields and settings is not None and settings.solver != "random":
+      hvps = -(-calls // refresh_every) * settings.num_iters  # ceil(calls / p) refreshes
+  steps = int(steps)
+  return {
+    "grad_evals_clean": steps,
+    "grad_evals_ascent": ascent,
+    "hvps": hvps,
+    "grad_evals": steps + ascent + hvps,
+  }

@@ -36,9 +36,8 @@ MIN_EPOCH = 3
 LOSS_RTOL = 1e-2  # |loss - ln C| <= LOSS_RTOL * ln C
 ACCURACY_MARGIN = 0.05  # train accuracy <= 1/C + ACCURACY_MARGIN
 # The optimizers with a `rho` (their ρ can be warmed up by `rho_warmup_epochs`).
-SAM_FAMILY = frozenset(
-  {"sam", "asam", "eigen_sam", "xsam", "sam_adamw", "asam_adamw", "eigen_sam_adamw", "xsam_adamw"}
-)
+_SAM_METHODS = ("sam", "asam", "eigen_sam", "xsam", "sam_every", "rst", "ae_sam", "looksam")
+SAM_FAMILY = frozenset({*_SAM_METHODS, *(f"{m}_adamw" for m in _SAM_METHODS)})
 
 
 def at_initial_saddle(

@@ -7,7 +7,9 @@ lambda_max estimate, JSONL/TensorBoard metrics and orbax checkpoints with exact 
 Outputs in ``--workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one record
 per logged step and per epoch), ``tb/`` (TensorBoard), ``checkpoints/`` and, at the end,
 ``summary.json`` (test accuracy, or validation accuracy with ``validation_fraction > 0``,
-final lambda_max, wall time).
+final lambda_max, wall time, and the gradient evaluations the run made, counted from the
+optimizer state: ``grad_evals_clean``, ``grad_evals_ascent``, ``hvps``, their sum
+``grad_evals`` and ``grad_evals_per_step``; every epoch record has the running counts).
 
 Exit status: 0 finished (or stopped by ``--max_epochs_this_run``), 2 bad input (nothing
 written), 75 (:data:`EXIT_PREEMPTED`) stopped by ``SIGTERM`` after saving ``preempted/``: rerun
@@ -47,7 +49,7 @@ from experiments import distributed, saddle
 from experiments import sharding as sharding_lib
 from experiments.configs.base import TrainConfig, config_differences, load_config
 from experiments.models import count_params, get_model, init_model
-from experiments.optimizers import OptimizerSpec, build_optimizer
+from experiments.optimizers import OptimizerSpec, build_optimizer, gradient_evaluations
 from xsam_jax import hessian, is_due, training
 
 CONFIG_FILE = "config.json"
@@ -660,6 +662,8 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
       "step": (epoch + 1) * steps_per_epoch,
       "epoch_seconds": epoch_seconds,
       **epoch_means,
+      # Since the start of the run, counted from the optimizer state (read here, not in a step).
+      **gradient_evaluations(state.step, state.opt_state, spec.refresh_every),
     }
     record["stuck_at_initial_saddle"] = _initial_saddle(
       config, dataset.num_classes, record, progress, warned=saddle_warned
@@ -730,7 +734,12 @@ def _summary(
   """The ``summary.json`` of a finished run from its last epoch ``record`` and lambda_max.
 
   ``eig_examples``: the size of the fixed set of the eigenvector's HVPs (None: minibatches).
+  The gradient evaluations are counted from the final state
+  (:func:`experiments.optimizers.gradient_evaluations`), over the whole run, resumed parts
+  included.
   """
+  counts = gradient_evaluations(state.step, state.opt_state, spec.refresh_every)
+  steps = int(jax.device_get(state.step))
   return {
     "dataset": config.dataset,
     "model": config.model,
@@ -759,6 +768,11 @@ def _summary(
     "refresh_every": spec.refresh_every if spec.tracks_eigvec else None,
     # The fixed set of the eigenvector's HVPs (None: each step's minibatch).
     "eig_examples": eig_examples,
+    # Gradient evaluations of the run, counted (not assumed): clean + ascent gradients + HVPs
+    # (one HVP counted as one evaluation; with eig_examples an HVP is on that fixed set).
+    "steps": steps,
+    **counts,
+    "grad_evals_per_step": counts["grad_evals"] / max(steps, 1),
     "backend": jax.default_backend(),
     "devices": jax.device_count(),
     "processes": jax.process_count(),

@@ -121,6 +121,14 @@ def test_float64_compute_is_refused_without_64_bit_jax_and_says_how_to_enable_it
     "dropout_rate=1.0",
     "batch_size=0",
     "checkpoint_every=0",
+    "sam_every_k=0",
+    "sam_prob=1.5",
+    "sam_prob=-0.1",
+    "ae_decay=1.1",
+    "ae_threshold_start=nan",
+    "ae_threshold_end=inf",
+    "looksam_k=0",
+    "looksam_alpha=-0.5",
   ],
 )
 def test_every_out_of_range_field_is_refused_by_name_with_the_way_to_set_it(override):

@@ -13,9 +13,16 @@ import pytest
 from helpers import make_step
 from jax.flatten_util import ravel_pytree
 
+import xsam_jax
 from experiments.configs.base import OPTIMIZERS, TrainConfig
 from experiments.models import get_model
-from experiments.optimizers import asam_mask, build_optimizer, learning_rate
+from experiments.optimizers import (
+  asam_mask,
+  build_optimizer,
+  gradient_evaluations,
+  learning_rate,
+  sharpness_state,
+)
 from xsam_jax import is_due
 
 
@@ -102,13 +109,36 @@ def _reference_trajectory(config, steps):
   x = np.asarray(FLAT0, np.float64)
   buf, m, s = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
   out = []
+  mu = var = 0.0  # AE-SAM's moving statistics of ||g||^2
+  gv = np.zeros_like(x)  # LookSAM's cached orthogonal part
+  total = config.epochs * 10  # the tests build with 10 steps per epoch
   for t in range(1, steps + 1):
     g = _grad(x)
     g_hat = g / np.linalg.norm(g)
+    sam = _grad(x + config.rho * g_hat)
     if method in ("sgd", "adamw"):
       d = g
     elif method == "sam":
-      d = _grad(x + config.rho * g_hat)
+      d = sam
+    elif method == "sam_every":  # SAM on steps 0, k, 2k, ...
+      d = sam if (t - 1) % config.sam_every_k == 0 else g
+    elif method == "rst":  # Bernoulli(p) from the seed's key folded with the step
+      draw = jax.random.fold_in(jax.random.key(config.seed), t - 1)
+      d = sam if bool(jax.random.bernoulli(draw, config.sam_prob)) else g
+    elif method == "ae_sam":  # SAM when ||g||^2 >= mu + c_t sigma, c_t linear over the run
+      sq = g @ g
+      mu = config.ae_decay * mu + (1 - config.ae_decay) * sq
+      var = config.ae_decay * var + (1 - config.ae_decay) * (sq - mu) ** 2
+      c = config.ae_threshold_start + (config.ae_threshold_end - config.ae_threshold_start) * (
+        (t - 1) / total
+      )
+      d = sam if sq >= mu + c * np.sqrt(var) else g
+    elif method == "looksam":  # refresh g_v every k steps, add alpha |g|/|g_v| g_v between
+      if (t - 1) % config.looksam_k == 0:
+        gv = sam - (sam @ g_hat) * g_hat
+        d = sam
+      else:
+        d = g + config.looksam_alpha * np.linalg.norm(g) / np.linalg.norm(gv) * gv
     elif method == "asam":  # eps = rho T^2 g / ||T g||, T = |w| + eta on weights, 1 on biases
       scale = np.where(ASAM_MASK, np.abs(x) + config.eta, 1.0)
       d = _grad(x + config.rho * scale**2 * g / np.linalg.norm(scale * g))
@@ -134,14 +164,15 @@ def _reference_trajectory(config, steps):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_optimizer_takes_its_methods_first_two_steps(name):
+def test_every_optimizer_takes_its_methods_first_steps(name):
   config = dataclasses.replace(TrainConfig(), optimizer=name, **RECIPE)
   spec = build_optimizer(config, 10)
   assert spec.needs_grad_fn == (name not in ("sgd", "adamw"))
   assert spec.tracks_eigvec == name.startswith(("xsam", "eigen_sam"))
   step = make_step(spec.tx, _quadratic_loss)
   params, state = PARAMS, spec.tx.init(PARAMS)
-  for i, expected in enumerate(_reference_trajectory(config, steps=2)):
+  # Three steps: the cheaper variants' second step (k = 5) is a plain or reused one.
+  for i, expected in enumerate(_reference_trajectory(config, steps=3)):
     params, state, _ = step(params, state)
     np.testing.assert_allclose(
       ravel_pytree(params)[0], expected, rtol=2e-5, atol=2e-6, err_msg=f"{name} step {i}"
@@ -209,3 +240,84 @@ def test_refresh_once_per_epoch_sets_the_period_of_the_transform_and_of_the_host
   assert [is_due(count, spec.refresh_every) for count in range(7)] == [
     count % period == 0 for count in range(7)
   ]
+
+
+# Non-default values of every variant's own fields, so a field that does not reach the
+# transform (or reaches the wrong argument) changes the trajectory.
+VARIANTS = {
+  "sam_every": (
+    dict(sam_every_k=3),
+    lambda c, rho: xsam_jax.sometimes_sam(rho, when="every", k=3),
+  ),
+  "rst": (
+    dict(sam_prob=0.3, seed=7),
+    lambda c, rho: xsam_jax.sometimes_sam(rho, when="random", prob=0.3, key=7),
+  ),
+  "ae_sam": (
+    dict(ae_decay=0.5, ae_threshold_start=-0.5, ae_threshold_end=2.0, epochs=1),
+    lambda c, rho: xsam_jax.sometimes_sam(
+      rho, when="adaptive", decay=0.5, threshold=optax.linear_schedule(-0.5, 2.0, 10)
+    ),
+  ),
+  "looksam": (
+    dict(looksam_k=3, looksam_alpha=0.4),
+    lambda c, rho: xsam_jax.looksam(rho, k=3, alpha=0.4),
+  ),
+  "looksam_adamw": (
+    dict(looksam_k=2, looksam_alpha=1.3, looksam_adaptive=True, eta=0.05),
+    lambda c, rho: xsam_jax.looksam(
+      rho, k=2, alpha=1.3, adaptive=True, eta=0.05, adaptive_mask=asam_mask
+    ),
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_cheaper_sam_name_builds_the_library_transform_with_its_config_fields(name):
+  fields, expected_tx = VARIANTS[name]
+  config = dataclasses.replace(TrainConfig(), optimizer=name, **{**RECIPE, **fields})
+  spec = build_optimizer(config, 10)
+  assert spec.needs_grad_fn and not spec.tracks_eigvec
+  base = optax.adamw(config.lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+  if not name.endswith("adamw"):
+    base = optax.chain(
+      optax.add_decayed_weights(config.weight_decay), optax.sgd(config.lr, momentum=0.9)
+    )
+  reference = optax.chain(expected_tx(config, config.rho), base)
+  ours, theirs = make_step(spec.tx, _quadratic_loss), make_step(reference, _quadratic_loss)
+  p1, s1 = PARAMS, spec.tx.init(PARAMS)
+  p2, s2 = PARAMS, reference.init(PARAMS)
+  for i in range(6):
+    p1, s1, _ = ours(p1, s1)
+    p2, s2, _ = theirs(p2, s2)
+    np.testing.assert_allclose(
+      ravel_pytree(p1)[0], ravel_pytree(p2)[0], rtol=1e-6, atol=1e-7, err_msg=f"step {i}"
+    )
+  assert int(sharpness_state(s1).ascent_steps) == int(sharpness_state(s2).ascent_steps)
+
+
+def test_gradient_evaluations_count_ascents_and_hvps_from_the_state():
+  params = jnp.ones(3)
+  loss = lambda w: jnp.sum(w**2 + w**4)
+  cases = {  # name: (fields, expected ascent gradients and HVPs after 7 steps)
+    "sgd": ({}, 0, 0),
+    "sam": ({}, 7, 0),
+    "sam_every": ({"sam_every_k": 3}, 3, 0),  # steps 0, 3, 6
+    "looksam": ({"looksam_k": 2}, 4, 0),  # steps 0, 2, 4, 6
+    "xsam": ({"refresh_every": 3, "power_iters": 4}, 7, 3 * 4),  # refreshes at 0, 3, 6
+    "eigen_sam": ({"refresh_every": 2, "power_iters": 2, "tracker": "random"}, 7, 0),
+  }
+  for name, (fields, ascent, hvps) in cases.items():
+    config = dataclasses.replace(TrainConfig(), optimizer=name, **fields)
+    spec = build_optimizer(config, 10)
+    step = make_step(spec.tx, loss, **({"refresh": None} if spec.tracks_eigvec else {}))
+    p, state = params, spec.tx.init(params)
+    for _ in range(7):
+      p, state, _ = step(p, state)
+    counts = gradient_evaluations(7, state, spec.refresh_every)
+    assert counts == {
+      "grad_evals_clean": 7,
+      "grad_evals_ascent": ascent,
+      "hvps": hvps,
+      "grad_evals": 7 + ascent + hvps,
+    }, name

@@ -61,6 +61,9 @@ class LookSAMState(NamedTuple):
     ascended: bool scalar, whether the last step was a refresh (one more ``grad_fn`` call).
     skipped_refreshes: refreshes whose new :math:`g_v` was not finite (NaN/inf), which kept
       the previous one (int32).
+    ascent_steps: number of ``update`` calls that were refreshes, each with one more
+      ``grad_fn`` call (int32 scalar): a run's gradient evaluations are ``count +
+      ascent_steps``, counted rather than assumed (the train CLI's ``summary.json``).
 
   Every float scalar is float32, or float64 for float64 params; dtypes never change across
   steps.
@@ -75,6 +78,7 @@ class LookSAMState(NamedTuple):
   gv_norm: chex.Array
   ascended: chex.Array
   skipped_refreshes: chex.Array
+  ascent_steps: chex.Array
 
 
 @record_arguments
@@ -177,6 +181,7 @@ def looksam(
       gv_norm=jnp.zeros((), dtype),
       ascended=jnp.zeros((), bool),
       skipped_refreshes=jnp.zeros((), jnp.int32),
+      ascent_steps=jnp.zeros((), jnp.int32),
     )
     return place_state(state, params, gv, field="gv")
 
@@ -228,6 +233,7 @@ def looksam(
       gv_norm=tree_norm(gv),
       ascended=due,
       skipped_refreshes=skipped,
+      ascent_steps=state.ascent_steps + due.astype(state.ascent_steps.dtype),
     )
     return out, keep_dtypes(new_state, state)
 

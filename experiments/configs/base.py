@@ -28,6 +28,15 @@ OPTIMIZERS = (
   "asam_adamw",
   "eigen_sam_adamw",
   "xsam_adamw",
+  # SAM's benefit at close to SGD's price (issue 21): xsam_jax.sometimes_sam and looksam.
+  "sam_every",
+  "rst",
+  "ae_sam",
+  "looksam",
+  "sam_every_adamw",
+  "rst_adamw",
+  "ae_sam_adamw",
+  "looksam_adamw",
 )
 REFRESH_PATHS = ("auto", "cond", "static")
 LR_SCHEDULES = ("cosine", "cosine_epoch", "constant")
@@ -96,6 +105,17 @@ class TrainConfig:
   # ablation (experiments/analysis/ablation.py).
   eig_examples: int = 0
   refresh_path: str = "auto"  # "cond" (one compile), "static" (host decides), "auto"
+  # Cheaper SAM (xsam_jax.sometimes_sam, xsam_jax.looksam; defaults from their papers).
+  sam_every_k: int = 5  # sam_every: SAM's ascent on every k-th step (k = 5: LookSAM's k)
+  sam_prob: float = 0.5  # rst: the probability of an ascent step (RST's p = 0.5)
+  ae_decay: float = 0.9  # ae_sam: delta, the moving-average factor of ||g||^2's mean/variance
+  # ae_sam: c_t, linear from ae_threshold_start to ae_threshold_end over the run (the paper's
+  # lambda_1 = -1, lambda_2 = 1, as xsam_jax.sometimes_sam reads them)
+  ae_threshold_start: float = -1.0
+  ae_threshold_end: float = 1.0
+  looksam_k: int = 5  # looksam: SAM's gradient every k steps (paper: 5)
+  looksam_alpha: float = 0.7  # looksam: weight of the reused orthogonal part g_v (paper: 0.7)
+  looksam_adaptive: bool = False  # looksam: ASAM's neighbourhood on refresh steps (eta, mask)
   # Devices: "data=N,model=M" splits the batch over all N*M devices and large weights over the
   # M of `model` (experiments/sharding.py); "" is data=<all devices>, model=1. The result does
   # not depend on it, so a run may resume under another mesh or process count.
@@ -167,6 +187,13 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
   ("eta", lambda x: x >= 0, ">= 0"),
   ("refresh_every", lambda x: x >= 1, ">= 1"),
   ("power_iters", lambda x: x >= 1, ">= 1"),
+  ("sam_every_k", lambda x: x >= 1, ">= 1 (1: SAM on every step)"),
+  ("sam_prob", lambda x: 0 <= x <= 1, "in [0, 1] (the probability of an ascent step)"),
+  ("ae_decay", lambda x: 0 <= x <= 1, "in [0, 1] (AE-SAM's moving-average factor)"),
+  ("ae_threshold_start", lambda x: True, "finite"),
+  ("ae_threshold_end", lambda x: True, "finite"),
+  ("looksam_k", lambda x: x >= 1, ">= 1 (1: SAM on every step)"),
+  ("looksam_alpha", lambda x: x >= 0, ">= 0 (0: SAM every looksam_k steps, g between)"),
   ("eig_examples", lambda x: x >= 0, ">= 0 (0: each step's minibatch)"),
   ("seed", lambda x: x >= 0, ">= 0"),
   ("eval_every", lambda x: x >= 1, ">= 1"),
