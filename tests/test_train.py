@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -478,3 +479,32 @@ def test_bad_eig_examples_is_refused_before_anything_is_written(override, match,
   assert code == 2
   assert match in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sam_every_two_steps_counts_n_plus_half_n_gradient_evaluations(tmp_path):
+  # 512 examples at batch 128: 4 steps per epoch, 8 in all; SAM's ascent on steps 0, 2, 4, 6.
+  config = _config("sam_every", "epochs=2", "train_examples=512", "sam_every_k=2")
+  summary, _ = train_lib.train(config, tmp_path)
+  steps = 2 * 512 // 128
+  assert summary["steps"] == steps
+  assert summary["grad_evals_clean"] == steps and summary["hvps"] == 0
+  assert summary["grad_evals_ascent"] == math.ceil(steps / 2)
+  assert summary["grad_evals"] == steps + math.ceil(steps / 2)
+  assert summary["grad_evals_per_step"] == pytest.approx(1.5)
+  records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  epochs = [r for r in records if r["kind"] == "epoch"]
+  assert [r["grad_evals"] for r in epochs] == [4 + 2, 8 + 4]  # running counts per epoch
+
+
+@pytest.mark.slow
+def test_xsam_counts_one_ascent_per_step_and_q_hvps_per_refresh(uninterrupted):
+  workdir, summary, _ = uninterrupted
+  config = _config()
+  steps = summary["steps"]
+  records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [r for r in records if r["kind"] == "epoch"][-1]["step"]
+  refreshes = len([t for t in range(steps) if t % config.refresh_every == 0])
+  assert summary["grad_evals_ascent"] == steps
+  assert summary["hvps"] == refreshes * config.power_iters
+  assert summary["grad_evals"] == 2 * steps + refreshes * config.power_iters
