@@ -352,3 +352,82 @@ def test_tune_only_stops_after_the_tuning_stage_and_trains_no_test_run(tmp_path)
   argv += ["--methods", "sgd,sam", "--rhos", "0.3", "--tune_seeds", "", "--tune_only"]
   assert study.main(argv) == 0  # without --tune_only: "no validation choice for sam"
   assert not (tmp_path / "test").exists() and (tmp_path / "out.md").exists()
+
+
+def test_the_cheaper_variants_tune_the_shared_rho_grid_and_their_own_small_grid():
+  a = args("--regimes", "noise40", "--methods", "sgd,sam_every,rst,ae_sam,looksam,asam")
+  tuning = study.tune_runs(a)
+  settings = {m: {r.setting for r in tuning if r.method == m} for m in a.methods}
+  rhos = [f"rho={r}" for r in study.RHOS]
+  assert settings["sgd"] == set()
+  assert settings["sam_every"] == {(r, "sam_every_k=5") for r in rhos}
+  assert settings["rst"] == {(r, "sam_prob=0.5") for r in rhos}
+  assert settings["ae_sam"] == settings["asam"] == {(r,) for r in rhos}
+  assert settings["looksam"] == {(r, f"looksam_alpha={x}") for r in rhos for x in (0.5, 0.7)}
+  # Each setting names real config fields: the runs' configs build, with the grid's values.
+  config = study.common.make_config(a.config, "looksam", ["rho=0.1", "looksam_alpha=0.5"])
+  assert (config.rho, config.looksam_alpha, config.looksam_k) == (0.1, 0.5, 5)
+  b = args("--methods", "looksam", "--looksam_alphas", "0.3", "--rhos", "0.1")
+  assert study.grid("looksam", b) == [("rho=0.1", "looksam_alpha=0.3")]
+
+
+def test_an_unknown_method_or_a_bad_variant_grid_is_refused_by_flag(capsys):
+  for bad in (["--methods", "sam,lookssam"], ["--compute_match", "esam2"]):
+    with pytest.raises(SystemExit):
+      args(*bad)
+    assert "unknown method" in capsys.readouterr().err
+  for flag, value in (("--sam_every_ks", "0"), ("--sam_probs", "1.5"), ("--looksam_alphas", "-1")):
+    with pytest.raises(SystemExit):
+      args(flag, value)
+    assert flag in capsys.readouterr().err
+
+
+def test_expected_gradient_evaluations_per_step_follow_each_rule():
+  make = study.common.make_config
+  path = "experiments/configs/digits_simple_cnn.py"
+  assert study.grads_per_step(make(path, "sgd")) == 1.0
+  assert study.grads_per_step(make(path, "sam")) == 2.0
+  assert study.grads_per_step(make(path, "xsam", ["refresh_every=4", "power_iters=2"])) == 2.5
+  assert study.grads_per_step(make(path, "xsam", ["tracker=random"])) == 2.0
+  assert study.grads_per_step(make(path, "sam_every", ["sam_every_k=4"])) == 1.25
+  assert study.grads_per_step(make(path, "looksam_adamw", ["looksam_k=2"])) == 1.5
+  assert study.grads_per_step(make(path, "rst", ["sam_prob=0.3"])) == pytest.approx(1.3)
+
+
+def test_equal_compute_for_a_cheap_method_gives_sgd_its_budget_and_leaves_sam_out():
+  a = args("--regimes", "noise40", "--epochs", "30", "--methods", "sgd,sam,looksam")
+  runs = study.test_and_compute_runs(a, {}, xsam_cost=1.2)
+  compute = {r.method: r for r in runs if r.stage == "compute" and r.seed == 0}
+  assert set(compute) == {"sgd"} and "epochs=36" in compute["sgd"].overrides
+
+
+def _counted(rows, per_step):
+  return [{**r, "grads_per_step": per_step, "grad_evals": None} for r in rows]
+
+
+def test_the_compute_table_and_figure_use_counted_evaluations_and_old_rows_the_expectation(
+  tmp_path,
+):
+  a = args("--regimes", "noise40", "--methods", "sgd,sam,looksam", "--compute_match", "looksam")
+  rows = [
+    *_rows("test", "noise40", "sgd", [0.70, 0.71, 0.72]),  # saved before counting: expected 1
+    *_counted(_rows("test", "noise40", "sam", [0.90, 0.91, 0.93]), 2.0),
+    *_counted(_rows("test", "noise40", "looksam", [0.89, 0.90, 0.92]), 1.2),
+    *_counted(_rows("compute", "noise40", "sgd", [0.71, 0.70, 0.72]), 1.0),
+  ]
+  for r in rows[-3:]:
+    r["epochs"] = 36
+  text = "\n".join(study.compute_table(rows, a))
+  assert "| noise40 | sgd | – | 1.000 | 0/3 | 30.0 |" in text
+  assert "| noise40 | looksam | 1.200 [1.200–1.200] | 1.200 | 3/3 | 36.0 |" in text
+  assert "| noise40 | sam | 2.000 [2.000–2.000] | 2.000 | 3/3 | 60.0 |" in text
+  assert (
+    "| noise40 | sgd, equal compute (36 ep) | 1.000 [1.000–1.000] | 1.000 | 3/3 | 36.0 |" in text
+  )
+  assert study.run_compute(rows[0], a) == 30.0  # 30 epochs x the expected 1 gradient per step
+  found = study.comparisons(rows, a.regimes, "looksam")
+  assert [(c["a"], c["b"]) for c in found if c["family"] is None] == [
+    ("looksam", "sgd (equal compute)")
+  ]
+  study.plot_compute(rows, a, str(tmp_path / "out"))
+  assert (tmp_path / "out_compute.png").stat().st_size > 5_000

@@ -43,9 +43,19 @@ images (the files: ``make fashion-mnist``; another directory: ``--set data_dir=D
   regime), so that the chance of any false verdict within a family stays at 5%. The
   equal-compute rows are descriptive: no test, no verdict.
 * **Equal compute** (``--compute_regimes``): SGD and the tuned SAM again, with their epochs
-  multiplied so that they spend X-SAM's gradient evaluations: X-SAM costs 2 gradients + q/p
-  Hessian-vector products per step (one HVP counted as one gradient evaluation; it is ~1.5-3×
-  a gradient in wall time), SAM 2, SGD 1.
+  multiplied so that they spend the gradient evaluations of ``--compute_match`` (X-SAM by
+  default; :func:`grads_per_step`): X-SAM costs 2 gradients + q/p Hessian-vector products per
+  step (one HVP counted as one gradient evaluation; it is ~1.5-3× a gradient in wall time),
+  SAM 2, SGD 1, ``sam_every``/``looksam`` 1 + 1/k, ``rst`` 1 + p (SAM is left out when it
+  costs as much as the matched method or more).
+* **Cheaper SAM variants** (issue 21; ``--methods`` takes ``sam_every``, ``rst``, ``ae_sam``,
+  ``looksam``, and ``asam``): each tunes the shared ρ grid and a small grid of its own field
+  (:data:`SAM_EVERY_KS`, :data:`SAM_PROBS`, :data:`LOOKSAM_ALPHAS`; AE-SAM at its paper's
+  defaults), small because each value multiplies the method's tuning runs.
+* **Compute, counted.** Every run's ``summary.json`` holds the gradient evaluations it made,
+  counted from the optimizer state (``experiments.optimizers.gradient_evaluations``); the
+  report tabulates them per step against the expectation, and ``<out>_compute.png`` plots
+  test accuracy against them (runs saved before the count use the expectation).
 * **Sharpness.** ``final λ_max`` is the train CLI's independent Lanczos estimate (never the
   optimizer's cached value), and the test runs estimate it every ``--lambda_every`` epochs for
   the λ_max-over-training figure.
@@ -56,7 +66,8 @@ images (the files: ``make fashion-mnist``; another directory: ``--set data_dir=D
 The user's ``--set`` overrides come last and apply to every run (tuning, test and equal
 compute alike). Outputs: ``<out>.md`` (tables), ``<out>.csv`` (one row per run),
 ``<out>_acc.png`` (test accuracy with intervals), ``<out>_lambda.png`` (λ_max over training and
-final λ_max against accuracy).
+final λ_max against accuracy), ``<out>_compute.png`` (test accuracy against gradient
+evaluations, SGD with more epochs as the baseline).
 """
 
 from __future__ import annotations
@@ -86,6 +97,21 @@ ALL_REGIMES = (*REGIMES, "clean")
 # accuracy at 40% noise, measured) on a CPU budget; a checkpoint every 10 epochs.
 STUDY_OVERRIDES = ("augment=false", "batch_size=128", "checkpoint_every=10")
 METHODS = ("sgd", "sam", "eigen_sam", "xsam")
+# Every method the study can run (``--methods``): the default four, ASAM, and the cheaper SAM
+# variants of issue 21 (xsam_jax.sometimes_sam as sam_every/rst/ae_sam, xsam_jax.looksam).
+CHEAP_METHODS = ("sam_every", "rst", "ae_sam", "looksam")
+ALL_METHODS = (*METHODS, "asam", *CHEAP_METHODS)
+# The variants' own validation grids (flags), on top of the shared ρ grid, kept small because
+# every value multiplies that method's tuning runs by len(--rhos) x len(--tune_seeds):
+# * sam_every: k = 5 only, LookSAM's k, so the two are compared at the same 1 + 1/5 gradients
+#   per step (the LookSAM paper's own baseline, and under issue 21's 1.25x goal).
+# * rst: p = 0.5 only, RST's setting (1.5 gradients per step on average).
+# * ae_sam: the paper's δ = 0.9, c_t from -1 to 1 (config defaults), no grid: its rule sets its
+#   own ascent fraction.
+# * looksam: α over {0.5, 0.7} (0.7 the paper's; 0.5 a weaker reuse), k = 5 (the config's).
+SAM_EVERY_KS = (5,)
+SAM_PROBS = (0.5,)
+LOOKSAM_ALPHAS = (0.5, 0.7)
 # The ρ grid of every method (a flag). 0.3 and 0.5 extend the first study's {0.05, 0.1, 0.2},
 # whose largest value validation chose for every method under label noise (issue 20, item 4).
 RHOS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -220,11 +246,25 @@ def regime_epochs(regime: str, args: argparse.Namespace) -> int:
 
 
 def grid(method: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
-  """The hyperparameter settings tuned for ``method`` (SGD: one, nothing to tune)."""
-  if method == "sam":
+  """The hyperparameter settings tuned for ``method`` (SGD: one, nothing to tune).
+
+  Every SAM-type method tunes ρ over ``--rhos``; Eigen-SAM and X-SAM also α over
+  ``--alphas``; the cheaper variants their own field over a small grid (:data:`SAM_EVERY_KS`,
+  :data:`SAM_PROBS`, :data:`LOOKSAM_ALPHAS`; AE-SAM none). Studies saved before a grid flag
+  existed read it as its default.
+  """
+  own = {
+    "sam_every": ("sam_every_k", getattr(args, "sam_every_ks", SAM_EVERY_KS)),
+    "rst": ("sam_prob", getattr(args, "sam_probs", SAM_PROBS)),
+    "looksam": ("looksam_alpha", getattr(args, "looksam_alphas", LOOKSAM_ALPHAS)),
+  }
+  if method in ("sam", "asam", "ae_sam"):
     return [(f"rho={r}",) for r in args.rhos]
   if method in ("eigen_sam", "xsam"):
     return [(f"rho={r}", f"alpha={a}") for r in args.rhos for a in args.alphas]
+  if method in own:
+    field, values = own[method]
+    return [(f"rho={r}", f"{field}={v}") for r in args.rhos for v in values]
   return [()]
 
 
@@ -233,6 +273,32 @@ def warmup(method: str, regime: str, args: argparse.Namespace, epochs: int | Non
     return []
   epochs = epochs or regime_epochs(regime, args)
   return [f"rho_warmup_epochs={round(args.rho_warmup * epochs, 3)}"]
+
+
+def grads_per_step(config: Any) -> float:
+  r"""The expected gradient evaluations per step of ``config.optimizer`` (one HVP = one).
+
+  SGD/AdamW 1; SAM/ASAM 2; Eigen-SAM/X-SAM 2 + q/p (q HVPs every p steps; 2 with
+  ``tracker="random"``, no HVPs); ``sam_every`` and ``looksam`` :math:`1 + 1/k`; ``rst``
+  :math:`1 + p`; ``ae_sam`` 1.5, the documented expectation only (its ascent fraction follows
+  the gradient norms; the runs count the real one: ``grad_evals_per_step`` in their
+  ``summary.json``, which the report and the compute figure use where it exists).
+  """
+  method = config.optimizer.removesuffix("_adamw")
+  if method in ("sgd", "adamw"):
+    return 1.0
+  if method in ("eigen_sam", "xsam"):
+    hvps = 0.0 if config.tracker == "random" else config.power_iters / config.refresh_every
+    return 2.0 + hvps
+  if method == "sam_every":
+    return 1.0 + 1.0 / config.sam_every_k
+  if method == "looksam":
+    return 1.0 + 1.0 / config.looksam_k
+  if method == "rst":
+    return 1.0 + config.sam_prob
+  if method == "ae_sam":
+    return 1.5
+  return 2.0  # sam, asam
 
 
 def xsam_grads_per_step(config: Any) -> float:
@@ -266,7 +332,13 @@ def tuned_source(regime: str, args: argparse.Namespace) -> str:
 def test_and_compute_runs(
   args: argparse.Namespace, choice: dict[tuple[str, str], tuple[str, ...]], xsam_cost: float
 ) -> list[Run]:
-  """Seed-major: a partial study has every regime and method for its first seeds."""
+  """Seed-major: a partial study has every regime and method for its first seeds.
+
+  ``xsam_cost``: the gradient evaluations per step of the method the equal-compute runs match
+  (``--compute_match``, X-SAM by default: :func:`grads_per_step`). SGD (1) and SAM (2) train
+  ``epochs x xsam_cost / cost`` epochs; a method that costs as much or more is left out (SAM
+  cannot match LookSAM's 1.2 by training longer).
+  """
   runs = []
   for seed in args.seeds:
     for regime in args.regimes:
@@ -281,7 +353,7 @@ def test_and_compute_runs(
       if regime not in args.compute_regimes:
         continue
       for method, cost in (("sgd", 1.0), ("sam", 2.0)):
-        if method not in args.methods:
+        if method not in args.methods or cost >= xsam_cost:
           continue
         setting = choice.get((tuned_source(regime, args), method), ())
         long = round(epochs * xsam_cost / cost)
@@ -423,8 +495,13 @@ FAMILIES = {
 EQUAL_COMPUTE = (("test", "xsam", "compute", "sam"), ("test", "xsam", "compute", "sgd"))
 
 
-def comparisons(rows: Sequence[dict[str, Any]], regimes: Sequence[str]) -> list[dict[str, Any]]:
+def comparisons(
+  rows: Sequence[dict[str, Any]], regimes: Sequence[str], match: str = "xsam"
+) -> list[dict[str, Any]]:
   """Every paired comparison of the report, with its family's Holm-adjusted p and verdict.
+
+  ``match``: the method whose gradient budget the equal-compute runs were given
+  (``--compute_match``); its test runs are compared with them.
 
   Returns:
     One dict per (family, regime, comparison) with data, in report order: ``family``
@@ -435,7 +512,8 @@ def comparisons(rows: Sequence[dict[str, Any]], regimes: Sequence[str]) -> list[
   for r in rows:
     by.setdefault((r["stage"], r["regime"], r["method"]), {})[r["seed"]] = r["accuracy"]
   out = []
-  groups = [*FAMILIES.items(), (None, EQUAL_COMPUTE)]
+  equal = tuple(("test", match, sb, mb) for _, _, sb, mb in EQUAL_COMPUTE)
+  groups = [*FAMILIES.items(), (None, equal)]
   for family, pairs in groups:
     members = []
     for regime in regimes:
@@ -550,6 +628,9 @@ def row_of(run: Run, workdir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     "wall_seconds": summary.get("wall_seconds_this_run"),
     "seconds_per_epoch": common.seconds_per_epoch(epochs),
     "lambda_curve": [(r["epoch"], r["lambda_max"]) for r in epochs if "lambda_max" in r],
+    # Counted by the train CLI (None for runs made before it counted them).
+    "grad_evals": summary.get("grad_evals"),
+    "grads_per_step": summary.get("grad_evals_per_step"),
   }
 
 
@@ -650,7 +731,8 @@ def report(
           f"| {regime} | {name} | {group[0]['setting'] or '–'} | {_fmt(*acc[:2])} | "
           f"{_fmt_range(*lam[:3])} | {_fmt(*tr[:2])} | {acc[2]} | {spe:.2f} |"
         )
-  found = comparisons(rows, args.regimes)
+  lines += compute_table(rows, args)
+  found = comparisons(rows, args.regimes, getattr(args, "compute_match", "xsam"))
   lines += [
     "",
     "### Paired differences (test accuracy points, same seeds)",
@@ -706,6 +788,120 @@ def report(
       cells.append(f"{rho_s:.2f} | {_fmt_p(p)} | {len(runs)}")
     lines.append(f"| {regime} | {' | '.join(cells)} |")
   return "\n".join(lines) + "\n"
+
+
+def expected_grads_per_step(method: str, setting: str, args: argparse.Namespace) -> float:
+  """:func:`grads_per_step` of ``method`` with the study's config, overrides and ``setting``
+  (NaN when that config cannot be built, e.g. a saved study's config file is gone)."""
+  overrides = [*getattr(args, "overrides", []), *setting.split()]
+  try:
+    return grads_per_step(common.make_config(args.config, method, overrides))
+  except (ValueError, OSError):
+    return math.nan
+
+
+def run_compute(row: dict[str, Any], args: argparse.Namespace, cache: dict | None = None) -> float:
+  """A run's gradient evaluations in SGD epochs (its evaluations / steps per epoch).
+
+  ``epochs x`` the run's counted ``grads_per_step``, or, for a run saved before the train CLI
+  counted them (no such field, or None), the expected :func:`expected_grads_per_step`.
+  """
+  per_step = row.get("grads_per_step")
+  if per_step is None:
+    key = (row["method"], row.get("setting", ""))
+    if cache is None or key not in cache:
+      value = expected_grads_per_step(row["method"], row.get("setting", ""), args)
+      if cache is None:
+        return row["epochs"] * value
+      cache[key] = value
+    per_step = cache[key]
+  return row["epochs"] * per_step
+
+
+def compute_table(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+  """The report's table of gradient evaluations per step: counted and expected, per group."""
+  lines = [
+    "",
+    "### Gradient evaluations (counted by the train CLI from the optimizer state)",
+    "",
+    "Per step: clean gradient + ascent gradients + Hessian-vector products (one HVP counted as "
+    "one evaluation), mean [min–max] over the runs that counted them (runs made before the "
+    "count show –); expected: the rule's value (`grads_per_step`). Compute: the run's "
+    "evaluations in SGD epochs (epochs × per step; expected where not counted).",
+    "",
+    "| regime | method | counted per step | expected | runs counted | compute (SGD epochs) |",
+    "|---|---|---|---|---|---|",
+  ]
+  cache: dict = {}
+  for stage in ("test", "compute"):
+    for regime in args.regimes:
+      for method in args.methods:
+        group = [
+          r for r in rows if (r["stage"], r["regime"], r["method"]) == (stage, regime, method)
+        ]
+        if not group:
+          continue
+        counted = _finite([r.get("grads_per_step") for r in group])
+        cell = "–"
+        if counted:
+          cell = f"{np.mean(counted):.3f} [{min(counted):.3f}–{max(counted):.3f}]"
+        expected = expected_grads_per_step(method, group[0].get("setting", ""), args)
+        spent = float(np.mean([run_compute(r, args, cache) for r in group]))
+        name = method if stage == "test" else f"{method}, equal compute ({group[0]['epochs']} ep)"
+        lines.append(
+          f"| {regime} | {name} | {cell} | {expected:.3f} | {len(counted)}/{len(group)} | "
+          f"{spent:.1f} |"
+        )
+  return lines
+
+
+def plot_compute(rows: Sequence[dict[str, Any]], args: argparse.Namespace, out: str) -> None:
+  """``<out>_compute.png``: test accuracy (mean ± 95% CI) against gradient evaluations.
+
+  One panel per regime, one point per method at its runs' mean compute (SGD epochs, counted
+  where the runs counted it); the equal-compute runs are drawn as squares, and SGD's test and
+  equal-compute points are joined: the baseline of SGD given more compute.
+  """
+  plt = common.pyplot()
+  regimes = [g for g in args.regimes if any(r["regime"] == g for r in rows)]
+  if not regimes:
+    return
+  cache: dict = {}
+  fig, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.8), squeeze=False)
+  for ax, regime in zip(axes[0], regimes, strict=True):
+    sgd_line = []
+    for stage in ("test", "compute"):
+      for method in args.methods:
+        group = [
+          r for r in rows if (r["stage"], r["regime"], r["method"]) == (stage, regime, method)
+        ]
+        if not group:
+          continue
+        mean, half, _ = t_interval([r["accuracy"] for r in group])
+        x = float(np.mean([run_compute(r, args, cache) for r in group]))
+        label = method if stage == "test" else f"{method} (eq. compute)"
+        ax.errorbar(
+          [x],
+          [100 * mean],
+          yerr=[0.0 if math.isnan(half) else 100 * half],
+          fmt="o" if stage == "test" else "s",
+          color=f"C{list(args.methods).index(method) % 10}",  # one colour per method
+          capsize=3,
+          label=label,
+        )
+        if method == "sgd":
+          sgd_line.append((x, 100 * mean))
+    if len(sgd_line) > 1:
+      xs, ys = zip(*sorted(sgd_line), strict=True)
+      ax.plot(xs, ys, "--", color="gray", lw=1, label="SGD, more epochs")
+    ax.set_title(regime)
+    ax.set_xlabel("gradient evaluations per run (SGD epochs)")
+    ax.set_ylabel("clean test accuracy (%), mean ± 95% CI")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(f"{out}_compute.png", dpi=120)
+  plt.close(fig)
 
 
 def plot(rows: Sequence[dict[str, Any]], args: argparse.Namespace, out: str) -> None:
@@ -790,7 +986,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--root", default=None, help="run directories (default: the dataset's)")
   parser.add_argument("--out", default=None, help="output prefix (default: the dataset's)")
   parser.add_argument("--regimes", default=None)
-  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument(
+    "--methods",
+    default=",".join(METHODS),
+    help=f"comma-separated, from {', '.join(ALL_METHODS)} (default: {','.join(METHODS)})",
+  )
+  parser.add_argument(
+    "--compute_match",
+    default="xsam",
+    help="the method whose gradient evaluations per step the equal-compute SGD/SAM runs match",
+  )
+  parser.add_argument(
+    "--sam_every_ks", default=",".join(map(str, SAM_EVERY_KS)), help="sam_every's k grid"
+  )
+  parser.add_argument("--sam_probs", default=",".join(map(str, SAM_PROBS)), help="rst's p grid")
+  parser.add_argument(
+    "--looksam_alphas", default=",".join(map(str, LOOKSAM_ALPHAS)), help="looksam's α grid"
+  )
   parser.add_argument("--seeds", default="0,1,2,3,4")
   parser.add_argument("--tune_seeds", default=None)
   parser.add_argument("--tune_regimes", default=None)
@@ -853,8 +1065,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     setattr(args, name, common.parse_list(getattr(args, name)))
   for name in ("seeds", "tune_seeds"):
     setattr(args, name, common.parse_list(getattr(args, name), int))
-  for name in ("rhos", "alphas"):
+  for name in ("rhos", "alphas", "sam_probs", "looksam_alphas"):
     setattr(args, name, common.parse_list(getattr(args, name), float))
+  args.sam_every_ks = common.parse_list(args.sam_every_ks, int)
+  unknown = [m for m in [*args.methods, args.compute_match] if m not in ALL_METHODS]
+  if unknown:
+    parser.error(
+      f"--methods/--compute_match: unknown method {', '.join(unknown)}; choose from "
+      f"{', '.join(ALL_METHODS)}"
+    )
+  bad = {
+    "--sam_every_ks": [k for k in args.sam_every_ks if k < 1],
+    "--sam_probs": [p for p in args.sam_probs if not 0 <= p <= 1],
+    "--looksam_alphas": [a for a in args.looksam_alphas if a < 0],
+  }
+  for flag, values in bad.items():
+    if values:
+      parser.error(
+        f"{flag}: {values} out of range (k >= 1, p in [0, 1], alpha >= 0); e.g. the defaults"
+      )
   # Tune the regimes asked for, and the one whose choice the untuned ones borrow (its tuning
   # runs are read if they exist): `--regimes noise60` alone still uses noise40's choice.
   borrows = any(g not in args.tune_regimes for g in args.regimes)
@@ -878,7 +1107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   common.enable_compilation_cache(args.jax_cache)
   args.overrides = [*args.study_overrides, *args.overrides]
-  xsam_cost = xsam_grads_per_step(common.make_config(args.config, "xsam", args.overrides))
   # Regime by regime (tuned regimes first), so that a partial study has whole regimes.
   order = [g for g in args.tune_regimes if g not in args.regimes]  # tuned only, for a choice
   order += sorted(args.regimes, key=lambda g: g not in args.tune_regimes)
@@ -903,7 +1131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"no validation choice for {', '.join(missing)} in regime {source!r} (which {regime!r} "
         "takes its settings from): its tuning runs did not finish; rerun to complete them"
       )
-    runs = test_and_compute_runs(_only(args, regime), choice, xsam_cost)
+    # The equal-compute budget: the matched method's expected cost with its chosen setting.
+    matched = [*args.overrides, *choice.get((source, args.compute_match), ())]
+    match_cost = grads_per_step(common.make_config(args.config, args.compute_match, matched))
+    runs = test_and_compute_runs(_only(args, regime), choice, match_cost)
     if args.report_only:
       runs = [r for r in runs if (Path(args.root) / r.name / "summary.json").exists()]
     print(f"== {regime}: test and equal-compute, {len(runs)} runs", flush=True)
@@ -919,7 +1150,7 @@ def write_outputs(
   args: argparse.Namespace,
   out: str,
 ) -> str:
-  """Writes ``<out>.md``, ``.csv``, ``.json`` and the two figures; returns the Markdown.
+  """Writes ``<out>.md``, ``.csv``, ``.json`` and the three figures; returns the Markdown.
 
   The JSON holds everything the report is made of (``args``, the ``tune`` and ``runs`` rows
   with their per-seed numbers) and, for reading, the ``comparisons`` with their p-values, so
@@ -930,7 +1161,7 @@ def write_outputs(
   Path(f"{out}.md").write_text(text)
   common.write_csv(f"{out}.csv", [*tune_rows, *rows])
   saved = {k: v for k, v in vars(args).items() if k != "from_json"}
-  found = comparisons(rows, args.regimes)
+  found = comparisons(rows, args.regimes, getattr(args, "compute_match", "xsam"))
   Path(f"{out}.json").write_text(
     json.dumps(
       {"args": saved, "tune": list(tune_rows), "runs": list(rows), "comparisons": found},
@@ -940,6 +1171,7 @@ def write_outputs(
   )
   try:
     plot(rows, args, out)
+    plot_compute(rows, args, out)
   except ImportError as exc:  # an accelerator machine's own Python may lack matplotlib
     print(f"figures not written ({exc}); the tables, CSV and JSON are", file=sys.stderr)
   return text
