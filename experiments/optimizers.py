@@ -223,6 +223,12 @@ def sharpness_state(opt_state: Any) -> Any | None:
   ``SometimesSAMState``, ``LookSAMState``) has that field and the base optimizers' states do
   not, so it is found wherever the chain (or a wrapper such as ``optax.apply_if_finite``) puts
   it. None for a chain without one (SGD, AdamW).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, xsam_jax
+    >>> tx = optax.chain(xsam_jax.looksam(0.05), optax.sgd(0.1))
+    >>> type(sharpness_state(tx.init(jnp.ones(2)))).__name__
+    'LookSAMState'
   """
   nodes = jax.tree.leaves(opt_state, is_leaf=_is_sharpness_state)
   return next((n for n in nodes if _is_sharpness_state(n)), None)
@@ -252,6 +258,15 @@ def gradient_evaluations(steps: int, opt_state: Any, refresh_every: int) -> dict
 
   Returns:
     ``{"grad_evals_clean", "grad_evals_ascent", "hvps", "grad_evals"}``, Python ints.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, xsam_jax
+    >>> tx = optax.chain(xsam_jax.sometimes_sam(0.05, when="every", k=2), optax.sgd(0.1))
+    >>> w, state = jnp.ones(2), tx.init(jnp.ones(2))
+    >>> for _ in range(3):  # ascends on steps 0 and 2
+    ...   _, state = tx.update(w, state, w, grad_fn=lambda p: p)
+    >>> gradient_evaluations(3, state, refresh_every=1)["grad_evals"]
+    5
   """
   sharp = sharpness_state(opt_state)
   ascent = hvps = 0
