@@ -240,6 +240,10 @@ def test_a_tiny_study_tunes_tests_and_writes_its_tables_and_figures(tmp_path):
   assert "sam − sgd" in text and "equal compute" in text and "without SGD" in text
   assert (tmp_path / "out_acc.png").stat().st_size > 5_000
   assert (tmp_path / "out_lambda.png").exists() and (tmp_path / "out.csv").exists()
+  assert (tmp_path / "out_compute.png").exists()
+  # The runs counted their gradient evaluations: SGD one per step, SAM two.
+  assert "| small | sgd | 1.000 [1.000–1.000] | 1.000 | 2/2 |" in text
+  assert "| small | sam | 2.000 [2.000–2.000] | 2.000 | 2/2 |" in text
   runs = sorted(
     p.parent.relative_to(tmp_path / "runs").as_posix()
     for p in (tmp_path / "runs").rglob("summary.json")
