@@ -20,7 +20,9 @@ def _draws(key, beta, steps=STEPS):
   out = []
   for t in range(steps):
     keys = jax.random.split(jax.random.fold_in(jax.random.key(key), t), len(mlp.KEYS))
-    out.append({name: bool(jax.random.bernoulli(k, beta)) for name, k in zip(mlp.KEYS, keys)})
+    out.append(
+      {name: bool(jax.random.bernoulli(k, beta)) for name, k in zip(mlp.KEYS, keys, strict=True)}
+    )
   return out
 
 
