@@ -554,3 +554,46 @@ def test_sharp_examples_grad_fn_refuses_a_batch_of_another_size():
     training.sharp_examples_grad_fn(_per_example_loss, batch, np.zeros(4), 0.5)
   with pytest.raises(ValueError, match="selects none"):
     training.sharp_examples_grad_fn(_per_example_loss, (np.zeros((4, 3)),), np.zeros(4), 0.1)
+
+
+def test_xla_counts_sams_flops_for_esams_weight_half_and_fewer_with_data_selection():
+  # The cost claim of the README: a masked perturbation skips no backward computation in JAX
+  # (the compiled step of esam has sam's FLOPs), while the data selection's static-size gather
+  # does remove work (forward on n plus forward and backward on n/2, instead of both on n).
+  def conv(h, w):
+    return jax.lax.conv_general_dilated(
+      h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def per_example_loss(p, batch):
+    x, y = batch
+    h = jax.nn.relu(conv(jax.nn.relu(conv(x, p["c1"])), p["c2"]))
+    return optax.softmax_cross_entropy_with_integer_labels(h.mean((1, 2)) @ p["w"], y)
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    "c1": 0.1 * jax.random.normal(keys[0], (3, 3, 3, 8)),
+    "c2": 0.1 * jax.random.normal(keys[1], (3, 3, 8, 8)),
+    "w": 0.1 * jax.random.normal(keys[2], (8, 3)),
+  }
+  x, y = jax.random.normal(keys[3], (16, 8, 8, 3)), jnp.arange(16) % 3
+
+  def flops(method, select):
+    tx = optax.chain(method, optax.sgd(0.1))
+
+    def step(p, s):
+      (_, clean), g = jax.value_and_grad(
+        lambda q: (per_example_loss(q, (x, y)).mean(), per_example_loss(q, (x, y))), has_aux=True
+      )(p)
+      if select:
+        grad_fn = training.sharp_examples_grad_fn(per_example_loss, (x, y), clean, 0.5)
+      else:
+        grad_fn = jax.grad(lambda q: per_example_loss(q, (x, y)).mean())
+      return tx.update(g, s, p, grad_fn=grad_fn)
+
+    cost = jax.jit(step).lower(params, tx.init(params)).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  sam = flops(xsam_jax.sam(0.05), select=False)
+  np.testing.assert_allclose(flops(xsam_jax.esam(0.05, beta=0.5), select=False), sam, rtol=1e-3)
+  assert flops(xsam_jax.esam(0.05, beta=0.5), select=True) < 0.95 * sam
