@@ -85,11 +85,13 @@ def sharpness_method(
   correction: str = "projection",
   key: int = 0,
   solver: str = "power",
+  esam_beta: float = 0.5,
 ) -> optax.GradientTransformationExtraArgs | None:
   """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term).
 
   ``asam`` rescales only the leaves :func:`asam_mask` selects (weights, not biases), as the
-  official ASAM code does.
+  official ASAM code does. ``esam`` is ESAM's stochastic weight perturbation only (tensors
+  drawn with probability ``esam_beta`` from ``key``); its data selection is not wired here.
   """
   if method in ("sgd", "adamw"):
     return None
@@ -97,6 +99,8 @@ def sharpness_method(
     return xsam_jax.sam(rho=rho)
   if method == "asam":
     return xsam_jax.sam(rho=rho, adaptive=True, eta=eta, adaptive_mask=asam_mask)
+  if method == "esam":
+    return xsam_jax.esam(rho=rho, beta=esam_beta, key=key)
   eig = dict(
     rho=rho,
     alpha=alpha,
@@ -110,7 +114,7 @@ def sharpness_method(
   if method == "xsam":
     return xsam_jax.xsam(**eig, normalize=normalize, correction=correction)
   raise ValueError(
-    f"unknown sharpness method {method!r}; choose one of sgd, sam, asam, eigen_sam, xsam"
+    f"unknown sharpness method {method!r}; choose one of sgd, sam, asam, eigen_sam, xsam, esam"
   )
 
 
@@ -164,6 +168,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     correction=config.correction,
     key=config.seed,
     solver=config.tracker,
+    esam_beta=config.esam_beta,
   )
   tx = base if sharp is None else optax.chain(sharp, base)
   return OptimizerSpec(

@@ -23,11 +23,13 @@ OPTIMIZERS = (
   "asam",
   "eigen_sam",
   "xsam",
+  "esam",
   "adamw",
   "sam_adamw",
   "asam_adamw",
   "eigen_sam_adamw",
   "xsam_adamw",
+  "esam_adamw",
 )
 REFRESH_PATHS = ("auto", "cond", "static")
 LR_SCHEDULES = ("cosine", "cosine_epoch", "constant")
@@ -78,6 +80,8 @@ class TrainConfig:
   rho_warmup_epochs: float = 0.0
   alpha: float = 0.2
   eta: float = 0.01  # ASAM: official class default (example_cifar.py passes 0.0)
+  # ESAM: probability that a tensor joins the ascent (official scripts: 0.5-0.6); rho / beta.
+  esam_beta: float = 0.5
   refresh_every: int = 5  # p
   # True: refresh once per epoch (refresh_every := steps per epoch, refresh_every unused), the
   # official Eigen-SAM code's actual cadence (algorithms.md 4.4); see paper_recipe.
@@ -165,6 +169,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
   ("rho_warmup_epochs", lambda x: x >= 0, ">= 0 (0: no warm-up)"),
   ("alpha", lambda x: 0 <= x <= 2, "in [0, 2]"),
   ("eta", lambda x: x >= 0, ">= 0"),
+  ("esam_beta", lambda x: 0 < x <= 1, "in (0, 1] (ESAM's tensor-draw probability)"),
   ("refresh_every", lambda x: x >= 1, ">= 1"),
   ("power_iters", lambda x: x >= 1, ">= 1"),
   ("eig_examples", lambda x: x >= 0, ">= 0 (0: each step's minibatch)"),
