@@ -92,6 +92,7 @@ def sharpness_method(
   looksam_k: int = 5,
   looksam_alpha: float = 0.7,
   looksam_adaptive: bool = False,
+  esam_beta: float = 0.5,
 ) -> optax.GradientTransformationExtraArgs | None:
   """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term).
 
@@ -106,6 +107,8 @@ def sharpness_method(
   * ``looksam``: :func:`xsam_jax.looksam` with ``k=looksam_k``, ``alpha=looksam_alpha``;
     ``looksam_adaptive`` takes ASAM's neighbourhood on refresh steps (``eta``,
     :func:`asam_mask`), Adaptive LookSAM.
+  * ``esam``: ESAM's stochastic weight perturbation only (tensors drawn with probability
+    ``esam_beta`` from ``key``); its data selection is not wired here.
   """
   if method in ("sgd", "adamw"):
     return None
@@ -122,6 +125,8 @@ def sharpness_method(
   if method == "looksam":
     adaptive = dict(adaptive=True, eta=eta, adaptive_mask=asam_mask) if looksam_adaptive else {}
     return xsam_jax.looksam(rho, k=looksam_k, alpha=looksam_alpha, **adaptive)
+  if method == "esam":
+    return xsam_jax.esam(rho=rho, beta=esam_beta, key=key)
   eig = dict(
     rho=rho,
     alpha=alpha,
@@ -136,7 +141,7 @@ def sharpness_method(
     return xsam_jax.xsam(**eig, normalize=normalize, correction=correction)
   raise ValueError(
     f"unknown sharpness method {method!r}; choose one of sgd, sam, asam, eigen_sam, xsam, "
-    "sam_every, rst, ae_sam, looksam"
+    "sam_every, rst, ae_sam, looksam, esam"
   )
 
 
@@ -202,6 +207,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     looksam_k=config.looksam_k,
     looksam_alpha=config.looksam_alpha,
     looksam_adaptive=config.looksam_adaptive,
+    esam_beta=config.esam_beta,
   )
   tx = base if sharp is None else optax.chain(sharp, base)
   return OptimizerSpec(

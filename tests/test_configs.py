@@ -114,6 +114,8 @@ def test_float64_compute_is_refused_without_64_bit_jax_and_says_how_to_enable_it
     "rho_warmup_epochs=-1",
     "alpha=2.5",
     "eta=-1",
+    "esam_beta=0",
+    "esam_beta=1.5",
     "refresh_every=0",
     "power_iters=0",
     "b1=1.0",

@@ -89,6 +89,7 @@ RECIPE = dict(
   eta=0.01,
   refresh_every=2,  # refresh at step 0, keep the cached vector at step 1
   power_iters=60,
+  esam_beta=0.6,  # not the default, so a builder that drops it fails
 )
 
 
@@ -145,6 +146,11 @@ def _reference_trajectory(config, steps):
     elif method == "eigen_sam":  # eps = rho (g_hat + alpha sign(g.v) (v - (g_hat.v) g_hat))
       tilt = np.sign(g @ v) * (v - (g_hat @ v) * g_hat)
       d = _grad(x + config.rho * (g_hat + config.alpha * tilt))
+    elif method == "esam":  # leaf i kept iff bernoulli(split(fold_in(key(seed), t), n)[i], beta)
+      keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), t - 1), 3)
+      kept = [bool(jax.random.bernoulli(k, config.esam_beta)) for k in keys]
+      mg = np.repeat(kept, [x.size for x in jax.tree.leaves(PARAMS)]) * g
+      d = _grad(x + config.rho / config.esam_beta * mg / (np.linalg.norm(mg) + 1e-12))
     elif method == "xsam":  # normalised g_adv minus alpha times its projection on v
       g_adv = _grad(x + config.rho * g_hat)
       g_adv = g_adv / np.linalg.norm(g_adv)

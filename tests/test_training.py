@@ -438,3 +438,162 @@ def test_nnx_refresh_eigenvector_updates_the_optimizer_state_in_place():
   np.testing.assert_allclose(optax.tree.get(state, "eigval"), 5.0, rtol=1e-4)
   eigvec = jax.tree.leaves(optax.tree.get(state, "eigvec"))[0]
   np.testing.assert_allclose(np.abs(eigvec), [1.0, 0.0, 0.0], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# ESAM's sharpness-sensitive data selection
+
+
+def _per_example_loss(params, batch):
+  """The per-example losses of tests/numpy_mlp.py's MLP: 0.5 * sum_j r_ij^2."""
+  import numpy_mlp as mlp
+
+  x, y = batch
+  return jax.vmap(lambda a, b: mlp.loss(params, a[None], b[None]))(x, y)
+
+
+def _top_k_np(clean, perturbed, fraction):
+  """NumPy: the floor(fraction * n) largest loss rises, largest first (stable on ties)."""
+  k = int(fraction * len(clean))
+  return np.argsort(-(np.asarray(perturbed) - np.asarray(clean)), kind="stable")[:k]
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.7, 1.0])
+def test_select_sharp_examples_keeps_the_largest_loss_rises_like_numpy_top_k(fraction):
+  rng = np.random.default_rng(1)
+  clean, perturbed = rng.random(10), rng.random(10)
+  sel = training.select_sharp_examples(jnp.asarray(clean), jnp.asarray(perturbed), fraction)
+  want = _top_k_np(clean, perturbed, fraction)
+  np.testing.assert_array_equal(np.asarray(sel.indices), want)
+  np.testing.assert_array_equal(np.asarray(sel.mask), np.isin(np.arange(10), want))
+  np.testing.assert_allclose(sel.sharpness, perturbed - clean, atol=1e-6)
+  if fraction < 1:  # the rise, not the perturbed loss, decides (so the test can fail)
+    assert set(want) != set(np.argsort(-perturbed)[: len(want)])
+
+
+def test_sharp_examples_grad_fn_is_the_gradient_on_the_top_fraction_at_the_given_point():
+  import numpy_mlp as mlp
+
+  params = mlp.init()
+  rng = np.random.default_rng(3)
+  x, y = rng.normal(size=(12, 3)), rng.normal(size=(12, 2))
+  clean = _per_example_loss(params, (x, y))
+  point = jax.tree.map(lambda w: w + 0.3 * jnp.sign(w), params)  # some other parameters
+  grad_fn = jax.jit(training.sharp_examples_grad_fn(_per_example_loss, (x, y), clean, 0.5))
+  got = grad_fn(point)
+  sel = _top_k_np(clean, _per_example_loss(point, (x, y)), 0.5)
+  want = mlp.grad_np(mlp.to_np(point), x[sel], y[sel])  # mean loss over the 6 selected
+  for k in mlp.KEYS:
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-4, atol=1e-6)
+  worst = np.argsort(_per_example_loss(point, (x, y)) - clean)[:6]  # the opposite choice
+  other = mlp.grad_np(mlp.to_np(point), x[worst], y[worst])
+  assert not np.allclose(np.asarray(got["w1"]), other["w1"], atol=1e-4)
+
+
+def test_esam_with_data_selection_matches_numpy_over_jitted_steps_and_compiles_once():
+  # The whole of ESAM: tensors drawn with probability beta (xsam_jax.esam) and the second
+  # gradient on the half of the batch whose loss rose most (sharp_examples_grad_fn).
+  import numpy_mlp as mlp
+
+  lr, rho, beta, key, steps = 0.1, 0.3, 0.5, 4, 4
+  params = mlp.init()
+  rng = np.random.default_rng(5)
+  data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2))) for _ in range(steps)]
+  tx = optax.chain(xsam_jax.esam(rho, beta=beta, key=key), optax.sgd(lr))
+
+  @jax.jit
+  def step(params, state, x, y):
+    (_, clean), grads = jax.value_and_grad(
+      lambda p: (jnp.mean(_per_example_loss(p, (x, y))), _per_example_loss(p, (x, y))),
+      has_aux=True,
+    )(params)
+    grad_fn = training.sharp_examples_grad_fn(_per_example_loss, (x, y), clean, 0.5)
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  p_ref = mlp.to_np(params)
+
+  def losses_np(p, x, y):
+    return np.array([mlp.loss(p, x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
+
+  for t, (x, y) in enumerate(data):
+    params, state = step(params, state, x, y)
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(key), t), len(mlp.KEYS))
+    drawn = {k: bool(jax.random.bernoulli(s, beta)) for k, s in zip(mlp.KEYS, keys, strict=True)}
+    g = mlp.grad_np(p_ref, x, y)
+    mg = {k: g[k] * drawn[k] for k in mlp.KEYS}
+    eps = {k: rho / beta * mg[k] / (mlp.norm(mg) + 1e-12) for k in mlp.KEYS}
+    point = mlp.axpy(1.0, eps, p_ref)
+    sel = _top_k_np(losses_np(p_ref, x, y), losses_np(point, x, y), 0.5)
+    p_ref = mlp.axpy(-lr, mlp.grad_np(point, x[sel], y[sel]), p_ref)
+    for k in mlp.KEYS:
+      np.testing.assert_allclose(np.asarray(params[k]), p_ref[k], rtol=1e-4, atol=1e-5)
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+  ("clean", "perturbed", "fraction", "match"),
+  [
+    (np.zeros(4), np.zeros(4), 0.0, r"`fraction` \(the paper's gamma\) must be a float in"),
+    (np.zeros(4), np.zeros(4), 1.5, r"`fraction` \(the paper's gamma\) must be a float in"),
+    (np.zeros(4), np.zeros(4), "0.5", r"`fraction` \(the paper's gamma\) must be a float in"),
+    (np.zeros(4), np.zeros(4), 0.2, "selects none"),
+    (np.zeros((4, 2)), np.zeros((4, 2)), 0.5, "must be 1-D per-example losses"),
+    (np.zeros(4), np.zeros(5), 0.5, "must be 1-D per-example losses"),
+  ],
+)
+def test_bad_selection_arguments_raise_a_value_error_naming_them(clean, perturbed, fraction, match):
+  with pytest.raises(ValueError, match=match):
+    training.select_sharp_examples(clean, perturbed, fraction)
+
+
+def test_sharp_examples_grad_fn_refuses_a_batch_of_another_size():
+  batch = (np.zeros((5, 3)), np.zeros((4, 2)))
+  with pytest.raises(ValueError, match="every leaf of `batch` must have the 4 examples"):
+    training.sharp_examples_grad_fn(_per_example_loss, batch, np.zeros(4), 0.5)
+  with pytest.raises(ValueError, match="selects none"):
+    training.sharp_examples_grad_fn(_per_example_loss, (np.zeros((4, 3)),), np.zeros(4), 0.1)
+
+
+def test_xla_counts_sams_flops_for_esams_weight_half_and_fewer_with_data_selection():
+  # The cost claim of the README: a masked perturbation skips no backward computation in JAX
+  # (the compiled step of esam has sam's FLOPs), while the data selection's static-size gather
+  # does remove work (forward on n plus forward and backward on n/2, instead of both on n).
+  def conv(h, w):
+    return jax.lax.conv_general_dilated(
+      h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def per_example_loss(p, batch):
+    x, y = batch
+    h = jax.nn.relu(conv(jax.nn.relu(conv(x, p["c1"])), p["c2"]))
+    return optax.softmax_cross_entropy_with_integer_labels(h.mean((1, 2)) @ p["w"], y)
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    "c1": 0.1 * jax.random.normal(keys[0], (3, 3, 3, 8)),
+    "c2": 0.1 * jax.random.normal(keys[1], (3, 3, 8, 8)),
+    "w": 0.1 * jax.random.normal(keys[2], (8, 3)),
+  }
+  x, y = jax.random.normal(keys[3], (16, 8, 8, 3)), jnp.arange(16) % 3
+
+  def flops(method, select):
+    tx = optax.chain(method, optax.sgd(0.1))
+
+    def step(p, s):
+      (_, clean), g = jax.value_and_grad(
+        lambda q: (per_example_loss(q, (x, y)).mean(), per_example_loss(q, (x, y))), has_aux=True
+      )(p)
+      if select:
+        grad_fn = training.sharp_examples_grad_fn(per_example_loss, (x, y), clean, 0.5)
+      else:
+        grad_fn = jax.grad(lambda q: per_example_loss(q, (x, y)).mean())
+      return tx.update(g, s, p, grad_fn=grad_fn)
+
+    cost = jax.jit(step).lower(params, tx.init(params)).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  sam = flops(xsam_jax.sam(0.05), select=False)
+  np.testing.assert_allclose(flops(xsam_jax.esam(0.05, beta=0.5), select=False), sam, rtol=1e-3)
+  assert flops(xsam_jax.esam(0.05, beta=0.5), select=True) < 0.95 * sam

@@ -8,6 +8,8 @@ gradient to the optimizer after it.
 * :func:`sam` -- SAM, and ASAM with ``adaptive=True``.
 * :func:`sometimes_sam` -- SAM on a subset of steps: every k-th, random (RST) or
   adaptive (AE-SAM); the clean gradient on the others.
+* :func:`esam` -- ESAM's stochastic weight perturbation: SAM's ascent on a random subset of
+  the tensors, scaled by 1/beta (its data selection is in :mod:`xsam_jax.training`).
 * :func:`looksam` -- LookSAM: SAM every k steps, its orthogonal part reused in between.
 * :func:`eigen_sam` -- Eigen-SAM: perturbation tilted towards the top Hessian eigenvector.
 * :func:`xsam` -- X-SAM: perturbed gradient corrected along the top Hessian eigenvector.
@@ -22,6 +24,7 @@ from xsam_jax import hessian
 from xsam_jax._accumulate import accumulate
 from xsam_jax._eigen_sam import EigenSAMState, eigen_sam
 from xsam_jax._eigvec import is_due, refresh_eigenvector
+from xsam_jax._esam import ESAMState, esam
 from xsam_jax._looksam import LookSAMState, looksam
 from xsam_jax._sam import SAMState, sam
 from xsam_jax._sometimes import SometimesSAMState, sometimes_sam
@@ -30,6 +33,7 @@ from xsam_jax._xsam import XSAMState, xsam
 __version__ = "0.1.0"
 
 __all__ = [
+  "ESAMState",
   "EigenSAMState",
   "LookSAMState",
   "SAMState",
@@ -37,6 +41,7 @@ __all__ = [
   "XSAMState",
   "accumulate",
   "eigen_sam",
+  "esam",
   "hessian",
   "is_due",
   "looksam",

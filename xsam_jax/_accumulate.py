@@ -139,7 +139,8 @@ def accumulate(
 
   Args:
     method: either a transform built by :func:`~xsam_jax.sam`, :func:`~xsam_jax.eigen_sam`,
-      :func:`~xsam_jax.xsam`, :func:`~xsam_jax.sometimes_sam` or :func:`~xsam_jax.looksam`
+      :func:`~xsam_jax.xsam`, :func:`~xsam_jax.sometimes_sam`, :func:`~xsam_jax.looksam` or
+      :func:`~xsam_jax.esam`
       *without* ``accumulation_steps`` (it is rebuilt with
       ``accumulation_steps=k`` and the same other arguments), or a factory called as
       ``method(accumulation_steps=k)``, e.g.

@@ -1,4 +1,4 @@
-"""Flax glue: the clean pass, ``grad_fn`` and ``eig_grad_fn`` for NNX and Linen models.
+r"""Flax glue: the clean pass, ``grad_fn`` and ``eig_grad_fn`` for NNX and Linen models.
 
 Every sharpness method in :mod:`xsam_jax` needs, besides the clean minibatch gradient,
 ``grad_fn(params) -> grads``: the gradient of the *same* minibatch loss at other parameters.
@@ -23,6 +23,10 @@ Linen models are called as ``apply_fn({'params': p, 'batch_stats': s}, x, train=
 * :class:`TrainState` -- a Linen ``TrainState`` with ``batch_stats`` whose ``apply_gradients``
   forwards ``grad_fn``, ``eig_grad_fn``, ``refresh``... to ``tx.update``.
 * :func:`linen_grad_fns` -- the clean pass of a Linen model and its ``grad_fn``/``eig_grad_fn``.
+* :func:`select_sharp_examples` -- ESAM's sharpness-sensitive data selection: the fraction of a
+  batch whose loss rose most from :math:`w` to :math:`w + \epsilon`.
+* :func:`sharp_examples_grad_fn` -- a ``grad_fn`` on those examples only, for
+  :func:`xsam_jax.esam` (ESAM's other half) or any other method.
 * :func:`nnx_refresh_eigenvector` -- :func:`xsam_jax.refresh_eigenvector` for the state of an
   ``nnx.Optimizer`` (whose leaves are wrapped in Flax variables).
 
@@ -40,6 +44,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 try:
@@ -57,10 +62,13 @@ GradFn = Callable[[PyTree], PyTree]
 __all__ = [
   "LinenGradFns",
   "NNXGradFns",
+  "SharpExamples",
   "TrainState",
   "linen_grad_fns",
   "nnx_grad_fns",
   "nnx_refresh_eigenvector",
+  "select_sharp_examples",
+  "sharp_examples_grad_fn",
 ]
 
 
@@ -443,3 +451,202 @@ def nnx_refresh_eigenvector(
     nnx.as_pure(optimizer.opt_state), params, grad_fn, **kwargs
   )
   nnx.update(optimizer.opt_state, nnx.state(new_state))
+
+
+# --------------------------------------------------------------------------------------------
+# ESAM's sharpness-sensitive data selection
+
+
+class SharpExamples(NamedTuple):
+  r"""What :func:`select_sharp_examples` returns.
+
+  Attributes:
+    indices: int32 ``(k,)``, the selected examples, largest loss rise first (ties: lower index
+      first), with ``k = floor(fraction * n)``.
+    mask: bool ``(n,)``, True on the selected examples (``mask.mean()`` is ``k / n``): the
+      weights of a weighted-mean loss, for a caller that keeps the whole batch.
+    sharpness: float ``(n,)``, the per-example loss rise
+      :math:`\ell_i(w + \epsilon) - \ell_i(w)`.
+  """
+
+  indices: jax.Array
+  mask: jax.Array
+  sharpness: jax.Array
+
+
+def _selected_count(n: int, fraction: Any) -> int:
+  """``floor(fraction * n)``; raises ``ValueError`` for a bad ``fraction`` or an empty pick."""
+  ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+  if not ok or not 0.0 < fraction <= 1.0:
+    raise ValueError(
+      "ESAM data selection: `fraction` (the paper's gamma) must be a float in (0, 1], the share "
+      f"of the batch whose gradient is taken (the official code uses 0.5), got {fraction!r}."
+    )
+  k = int(fraction * n)
+  if k < 1:
+    raise ValueError(
+      f"ESAM data selection: `fraction`={fraction} of a batch of {n} examples selects none "
+      f"(floor({fraction} * {n}) = 0). Use a fraction >= {1 / n:.3g} or a larger batch."
+    )
+  return k
+
+
+def select_sharp_examples(
+  clean_losses: jax.Array, perturbed_losses: jax.Array, fraction: float
+) -> SharpExamples:
+  r"""ESAM's sharpness-sensitive data selection: the examples whose loss rose most.
+
+  With per-example losses :math:`\ell_i(w)` and :math:`\ell_i(w + \epsilon)` of a batch of
+  :math:`n`, the sharpness of example :math:`i` is
+  :math:`s_i = \ell_i(w + \epsilon) - \ell_i(w)`, and the selection
+  :math:`B^+` is the :math:`k = \lfloor\gamma n\rfloor` examples with the largest :math:`s_i`
+  (``jax.lax.top_k``; ties go to the lower index). :math:`k` is a Python int fixed by the
+  batch shape, so the selection has a static size and a jitted step compiles once.
+
+  The official code (``dydjw9/Efficient_SAM``, ``utils/Esam.py``) takes the :math:`k`-th largest
+  :math:`s_i` as a cutoff and keeps the examples *strictly* above it, i.e. :math:`k - 1` of
+  them when there are no ties, and all of them when :math:`\gamma \ge 0.99`; here exactly
+  :math:`k` are kept (for :math:`\gamma = 1`, all).
+
+  Where each half of ESAM lives: the stochastic weight perturbation is the transform
+  :func:`xsam_jax.esam`; this selection needs per-example losses, which a transform never sees,
+  so it lives here and enters through ``grad_fn`` (:func:`sharp_examples_grad_fn`).
+
+  Args:
+    clean_losses: ``(n,)`` per-example losses at :math:`w` (from the clean pass).
+    perturbed_losses: ``(n,)`` per-example losses at :math:`w + \epsilon`.
+    fraction: :math:`\gamma \in (0, 1]`, the share of the batch to keep (the official scripts
+      use 0.5).
+
+  Returns:
+    A :class:`SharpExamples` ``(indices, mask, sharpness)``.
+
+  Raises:
+    ValueError: for ``fraction`` outside (0, 1], a ``fraction`` that keeps no example of the
+      batch, or losses that are not two 1-D arrays of the same length.
+
+  References:
+    Du, Yan, Feng, Zhou, Zhen, Goh & Tan, "Efficient Sharpness-aware Minimization for Improved
+    Training of Neural Networks", ICLR 2022, arXiv:2110.03141.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from xsam_jax import training
+    >>> clean = jnp.array([1.0, 1.0, 1.0, 1.0])
+    >>> perturbed = jnp.array([1.5, 1.1, 2.0, 0.9])
+    >>> sel = training.select_sharp_examples(clean, perturbed, fraction=0.5)
+    >>> sel.indices.tolist(), sel.mask.tolist()
+    ([2, 0], [True, False, True, False])
+  """
+  clean_losses, perturbed_losses = jnp.asarray(clean_losses), jnp.asarray(perturbed_losses)
+  if clean_losses.ndim != 1 or clean_losses.shape != perturbed_losses.shape:
+    raise ValueError(
+      "ESAM data selection: `clean_losses` and `perturbed_losses` must be 1-D per-example "
+      f"losses of the same batch, got shapes {clean_losses.shape} and "
+      f"{perturbed_losses.shape}. Return the unreduced loss (e.g. "
+      "optax.softmax_cross_entropy_with_integer_labels(logits, labels), without .mean())."
+    )
+  n = clean_losses.shape[0]
+  k = _selected_count(n, fraction)
+  sharpness = perturbed_losses - clean_losses
+  _, indices = jax.lax.top_k(sharpness, k)
+  mask = jnp.zeros((n,), bool).at[indices].set(True)
+  return SharpExamples(indices.astype(jnp.int32), mask, sharpness)
+
+
+def sharp_examples_grad_fn(
+  per_example_loss: Callable[[PyTree, Any], jax.Array],
+  batch: Any,
+  clean_losses: jax.Array,
+  fraction: float,
+) -> GradFn:
+  r"""A ``grad_fn`` restricted to the examples whose loss rose most: ESAM's data selection.
+
+  ``grad_fn(p)`` runs the model forward on the whole batch at ``p`` (the ascent point
+  :math:`w + \epsilon` that the transform hands it), selects :math:`B^+` with
+  :func:`select_sharp_examples` against ``clean_losses`` (no gradient flows through the
+  selection), gathers those :math:`k = \lfloor\gamma n\rfloor` examples and returns the
+  gradient of their mean loss,
+
+  .. math::
+     \tilde g = \nabla_w \frac1k \sum_{i \in B^+} \ell_i(w)\Big|_{w + \epsilon},
+
+  as the official code does (one forward without gradient on the batch, then a forward and a
+  backward on ``inputs[indices]``). Hand it to :func:`xsam_jax.esam` for the whole of ESAM, or
+  to :func:`xsam_jax.sam` for the data selection alone.
+
+  Cost: the gather has a static size :math:`k`, so unlike the stochastic weight perturbation
+  (see :func:`xsam_jax.esam`) this half really saves work in JAX: the second gradient costs a
+  forward on :math:`n` examples plus a forward and backward on :math:`k`, instead of a forward
+  and backward on :math:`n`.
+
+  BatchNorm and dropout: whatever ``per_example_loss`` does. The selected subset is a smaller
+  batch, so its BatchNorm statistics and dropout masks are the subset's own (as in the official
+  code); use a ``per_example_loss`` that discards statistic updates, as ``grad_fn`` does in
+  :func:`linen_grad_fns`. Under ``shard_map``/``pmap`` each device selects within its own
+  shard (as the official code does under DDP).
+
+  Args:
+    per_example_loss: ``per_example_loss(params, batch) -> (n,)`` unreduced losses, for any
+      ``batch`` with a leading example axis (it is called on the whole batch and on the
+      gathered subset).
+    batch: a pytree of arrays whose leading axis indexes the ``n`` examples (e.g.
+      ``(inputs, labels)``).
+    clean_losses: ``(n,)`` per-example losses at the current parameters :math:`w` (from the
+      clean pass: return them as the auxiliary output of ``jax.value_and_grad``).
+    fraction: :math:`\gamma \in (0, 1]` (the official scripts use 0.5).
+
+  Returns:
+    ``grad_fn(params) -> grads``.
+
+  Raises:
+    ValueError: as :func:`select_sharp_examples`, and for a ``batch`` whose leaves do not all
+      have ``n = len(clean_losses)`` examples.
+
+  References:
+    Du, Yan, Feng, Zhou, Zhen, Goh & Tan, "Efficient Sharpness-aware Minimization for Improved
+    Training of Neural Networks", ICLR 2022, arXiv:2110.03141; official code
+    github.com/dydjw9/Efficient_SAM (``utils/Esam.py``, ``ESAM.step``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, xsam_jax
+    >>> from xsam_jax import training
+    >>> def per_example_loss(w, batch):
+    ...   x, y = batch
+    ...   return (x @ w - y) ** 2
+    >>> x, y = jnp.eye(4, 2), jnp.array([1.0, -1.0, 0.0, 0.0])
+    >>> w = jnp.zeros(2)
+    >>> tx = optax.chain(xsam_jax.esam(rho=0.05, beta=1.0), optax.sgd(0.1))
+    >>> state = tx.init(w)
+    >>> (loss, clean), grads = jax.value_and_grad(
+    ...   lambda p: (jnp.mean(per_example_loss(p, (x, y))), per_example_loss(p, (x, y))),
+    ...   has_aux=True)(w)
+    >>> grad_fn = training.sharp_examples_grad_fn(per_example_loss, (x, y), clean, 0.5)
+    >>> updates, state = tx.update(grads, state, w, grad_fn=grad_fn)
+    >>> # Rows 2 and 3 of x are zero: their loss cannot rise, so examples 0 and 1 are kept.
+    >>> w = optax.apply_updates(w, updates)
+    >>> bool(w[0] > 0) and bool(w[1] < 0)
+    True
+  """
+  clean_losses = jnp.asarray(clean_losses)
+  if clean_losses.ndim != 1:
+    raise ValueError(
+      "sharp_examples_grad_fn: `clean_losses` must be the 1-D per-example losses of the clean "
+      f"pass, got shape {clean_losses.shape}."
+    )
+  n = clean_losses.shape[0]
+  _selected_count(n, fraction)
+  sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(batch)}
+  if sizes != {n}:
+    raise ValueError(
+      f"sharp_examples_grad_fn: every leaf of `batch` must have the {n} examples of "
+      f"`clean_losses` on its leading axis, got leading sizes {sorted(sizes, key=str)}."
+    )
+
+  def grad_fn(params: PyTree) -> PyTree:
+    perturbed = jax.lax.stop_gradient(per_example_loss(params, batch))
+    selected = select_sharp_examples(clean_losses, perturbed, fraction)
+    subset = jax.tree.map(lambda a: jnp.take(a, selected.indices, axis=0), batch)
+    return jax.grad(lambda p: jnp.mean(per_example_loss(p, subset)))(params)
+
+  return grad_fn

@@ -23,6 +23,7 @@ OPTIMIZERS = (
   "asam",
   "eigen_sam",
   "xsam",
+  "esam",
   "adamw",
   "sam_adamw",
   "asam_adamw",
@@ -37,6 +38,7 @@ OPTIMIZERS = (
   "rst_adamw",
   "ae_sam_adamw",
   "looksam_adamw",
+  "esam_adamw",
 )
 REFRESH_PATHS = ("auto", "cond", "static")
 LR_SCHEDULES = ("cosine", "cosine_epoch", "constant")
@@ -87,6 +89,8 @@ class TrainConfig:
   rho_warmup_epochs: float = 0.0
   alpha: float = 0.2
   eta: float = 0.01  # ASAM: official class default (example_cifar.py passes 0.0)
+  # ESAM: probability that a tensor joins the ascent (official scripts: 0.5-0.6); rho / beta.
+  esam_beta: float = 0.5
   refresh_every: int = 5  # p
   # True: refresh once per epoch (refresh_every := steps per epoch, refresh_every unused), the
   # official Eigen-SAM code's actual cadence (algorithms.md 4.4); see paper_recipe.
@@ -185,6 +189,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
   ("rho_warmup_epochs", lambda x: x >= 0, ">= 0 (0: no warm-up)"),
   ("alpha", lambda x: 0 <= x <= 2, "in [0, 2]"),
   ("eta", lambda x: x >= 0, ">= 0"),
+  ("esam_beta", lambda x: 0 < x <= 1, "in (0, 1] (ESAM's tensor-draw probability)"),
   ("refresh_every", lambda x: x >= 1, ">= 1"),
   ("power_iters", lambda x: x >= 1, ">= 1"),
   ("sam_every_k", lambda x: x >= 1, ">= 1 (1: SAM on every step)"),
