@@ -25,6 +25,11 @@ Linen models are called as ``apply_fn({'params': p, 'batch_stats': s}, x, train=
 * :func:`linen_grad_fns` -- the clean pass of a Linen model and its ``grad_fn``/``eig_grad_fn``.
 * :func:`nnx_refresh_eigenvector` -- :func:`xsam_jax.refresh_eigenvector` for the state of an
   ``nnx.Optimizer`` (whose leaves are wrapped in Flax variables).
+* MESA (Du et al. 2022), SAM's effect from a KL term towards an EMA of the weights:
+  :func:`mesa_loss` (cross-entropy + :func:`trajectory_kl`), the EMA teacher
+  (:class:`MESAState`, :func:`mesa_init`, :func:`mesa_update`, :func:`ema_update`), and its
+  glue: :class:`MESATrainState` (Linen: keeps and updates the EMA, ``teacher_logits``),
+  :func:`nnx_mesa_init`/:func:`nnx_mesa_update`/:func:`nnx_teacher` (NNX).
 
 A whole training step compiles once under ``nnx.jit`` or ``jax.jit``.
 
@@ -42,8 +47,19 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from xsam_jax._mesa import (
+  DEFAULT_DECAY,
+  MESAState,
+  check_decay,
+  ema_update,
+  mesa_init,
+  mesa_loss,
+  mesa_update,
+  trajectory_kl,
+)
+
 try:
-  from flax import nnx
+  from flax import nnx, struct
   from flax.training import train_state
 except ImportError as e:  # flax is an optional dependency of the library
   raise ImportError(
@@ -56,11 +72,21 @@ GradFn = Callable[[PyTree], PyTree]
 
 __all__ = [
   "LinenGradFns",
+  "MESAState",
+  "MESATrainState",
   "NNXGradFns",
   "TrainState",
+  "ema_update",
   "linen_grad_fns",
+  "mesa_init",
+  "mesa_loss",
+  "mesa_update",
   "nnx_grad_fns",
+  "nnx_mesa_init",
+  "nnx_mesa_update",
   "nnx_refresh_eigenvector",
+  "nnx_teacher",
+  "trajectory_kl",
 ]
 
 
@@ -443,3 +469,182 @@ def nnx_refresh_eigenvector(
     nnx.as_pure(optimizer.opt_state), params, grad_fn, **kwargs
   )
   nnx.update(optimizer.opt_state, nnx.state(new_state))
+
+
+# --------------------------------------------------------------------------------------------
+# MESA: the EMA teacher of Du et al. (2022), for Linen and NNX models.
+
+
+def _linen_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+  """``{'params': params, 'batch_stats': batch_stats}``, without the second for no BatchNorm."""
+  if jax.tree.leaves(batch_stats):
+    return {"params": params, "batch_stats": batch_stats}
+  return {"params": params}
+
+
+class MESATrainState(TrainState):
+  r"""A :class:`TrainState` that keeps MESA's teacher: an EMA of the weights and BatchNorm stats.
+
+  ``mesa.ema`` holds the moving average of the model's variables, ``{'params': ...,
+  'batch_stats': ...}`` (no ``'batch_stats'`` for a model without BatchNorm), started as a copy
+  of the initial ones and moved after every :meth:`apply_gradients`, once the new parameters and
+  the ``batch_stats`` passed with them are in place:
+  :math:`\bar w \leftarrow \beta \bar w + (1-\beta) w` (the official code's timm ``ModelEmaV2``).
+  :meth:`teacher_logits` runs the teacher in eval mode. The EMA is part of the state, so it is
+  sharded, checkpointed and restored with it.
+
+  Attributes:
+    mesa: the :class:`MESAState` (``count``, ``ema``).
+    mesa_decay: :math:`\beta` in [0, 1), a static field (official code: 0.9998).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import flax.linen as nn
+    >>> from xsam_jax import training
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+    ...     return nn.Dense(3)(nn.relu(x))
+    >>> x, labels = jnp.linspace(-1.0, 1.0, 20).reshape(4, 5), jnp.array([0, 1, 2, 0])
+    >>> variables = Net().init(jax.random.key(0), x, train=False)
+    >>> state = training.MESATrainState.create(
+    ...   apply_fn=Net().apply, params=variables["params"],
+    ...   batch_stats=variables["batch_stats"], tx=optax.sgd(0.1), mesa_decay=0.9)
+    >>> @jax.jit
+    ... def train_step(state, x, labels):
+    ...   teacher = state.teacher_logits(x)  # the extra forward pass, eval mode
+    ...   loss_fn = lambda logits, t: training.mesa_loss(logits, t[1], t[0], weight=0.8)
+    ...   out = training.linen_grad_fns(state, loss_fn, x, (labels, teacher))
+    ...   return state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats), out.loss
+    >>> losses = []
+    >>> for _ in range(3):
+    ...   state, loss = train_step(state, x, labels)
+    ...   losses.append(float(loss))
+    >>> losses[0] > losses[1] > losses[2], int(state.mesa.count)  # it trains; the EMA moved
+    (True, 3)
+  """
+
+  mesa: Any = None
+  mesa_decay: float = struct.field(pytree_node=False, default=DEFAULT_DECAY)
+
+  @classmethod
+  def create(
+    cls,
+    *,
+    apply_fn: Callable[..., Any],
+    params: PyTree,
+    tx: optax.GradientTransformation,
+    mesa_decay: float = DEFAULT_DECAY,
+    **kwargs: Any,
+  ) -> MESATrainState:
+    """A new state whose teacher is a copy of the initial variables.
+
+    Args:
+      apply_fn: the Linen model's ``apply``.
+      params: the initial parameters.
+      tx: the optimizer (any optax transform; MESA needs no ``grad_fn``).
+      mesa_decay: the EMA's :math:`\\beta` in [0, 1).
+      **kwargs: other fields (``batch_stats``).
+
+    Raises:
+      ValueError: if ``mesa_decay`` is outside [0, 1).
+    """
+    check_decay(mesa_decay)
+    state = super().create(
+      apply_fn=apply_fn, params=params, tx=tx, mesa_decay=float(mesa_decay), **kwargs
+    )
+    return state.replace(mesa=mesa_init(_linen_variables(state.params, state.batch_stats)))
+
+  def apply_gradients(self, *, grads: PyTree, **kwargs: Any) -> MESATrainState:
+    """:meth:`TrainState.apply_gradients`, then one EMA step towards the new variables."""
+    new = super().apply_gradients(grads=grads, **kwargs)
+    variables = _linen_variables(new.params, new.batch_stats)
+    return new.replace(mesa=mesa_update(new.mesa, variables, decay=new.mesa_decay))
+
+  def teacher_logits(self, inputs: Any, **kwargs: Any) -> jax.Array:
+    """The teacher's output on ``inputs``: ``apply_fn(mesa.ema, inputs, train=False)``.
+
+    Eval mode (BatchNorm with the averaged running statistics, no dropout), as the official
+    code's EMA model; wrapped in ``stop_gradient``.
+
+    Args:
+      inputs: the model's input batch.
+      **kwargs: passed to ``apply_fn``.
+    """
+    return jax.lax.stop_gradient(self.apply_fn(self.mesa.ema, inputs, train=False, **kwargs))
+
+
+# The NNX variables the teacher averages: weights and BatchNorm statistics (not RNG counters).
+NNX_EMA_VARIABLES = (nnx.Param, nnx.BatchStat)
+
+
+def nnx_mesa_init(model: nnx.Module) -> MESAState:
+  """MESA's teacher for an NNX model: a copy of its ``Param`` and ``BatchStat`` variables.
+
+  Args:
+    model: the NNX model.
+
+  Returns:
+    A :class:`MESAState` whose ``ema`` is the pure state (plain arrays) of those variables.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> from xsam_jax import training
+    >>> model = nnx.Sequential(nnx.Linear(5, 8, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(8, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    >>> mesa = training.nnx_mesa_init(model)
+    >>> def loss_fn(model, x, labels, teacher):
+    ...   return training.mesa_loss(model(x), teacher, labels, weight=0.8)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, mesa, x, labels):
+    ...   teacher = training.nnx_teacher(model, mesa)(x)  # the extra forward pass, eval mode
+    ...   out = training.nnx_grad_fns(model, loss_fn, x, labels, teacher)
+    ...   optimizer.update(model, out.grads)
+    ...   return training.nnx_mesa_update(mesa, model, decay=0.9), out.loss
+    >>> x, labels = jnp.linspace(-1.0, 1.0, 20).reshape(4, 5), jnp.array([0, 1, 2, 0])
+    >>> losses = []
+    >>> for _ in range(3):
+    ...   mesa, loss = train_step(model, optimizer, mesa, x, labels)
+    ...   losses.append(float(loss))
+    >>> losses[0] > losses[1] > losses[2], int(mesa.count)  # it trains; the EMA moved
+    (True, 3)
+  """
+  return mesa_init(nnx.as_pure(nnx.state(model, NNX_EMA_VARIABLES)))
+
+
+def nnx_mesa_update(state: MESAState, model: nnx.Module, *, decay: float) -> MESAState:
+  r""":func:`mesa_update` towards the model's current ``Param``/``BatchStat`` variables.
+
+  Call it after ``optimizer.update`` (the official code moves the EMA after the step).
+
+  Args:
+    state: from :func:`nnx_mesa_init`.
+    model: the NNX model after the step.
+    decay: :math:`\beta` in [0, 1).
+
+  Raises:
+    ValueError: if a concrete ``decay`` is outside [0, 1).
+  """
+  return mesa_update(state, nnx.as_pure(nnx.state(model, NNX_EMA_VARIABLES)), decay=decay)
+
+
+def nnx_teacher(model: nnx.Module, state: MESAState) -> nnx.Module:
+  """An eval-mode copy of ``model`` at the teacher's variables (``model`` is not changed).
+
+  Its outputs carry no gradient to ``model`` (:func:`mesa_loss` stops it in any case).
+
+  Args:
+    model: the NNX model (its structure and non-averaged variables are used).
+    state: from :func:`nnx_mesa_init`/:func:`nnx_mesa_update`.
+
+  Returns:
+    A new module in eval mode (BatchNorm with the averaged statistics, no dropout).
+  """
+  graphdef, _, rest = nnx.split(model, NNX_EMA_VARIABLES, ...)
+  teacher = nnx.merge(graphdef, jax.lax.stop_gradient(state.ema), nnx.as_pure(rest))
+  teacher.eval()
+  return teacher
