@@ -24,12 +24,16 @@ class OptimizerSpec:
       on the static path, ``refresh``).
     refresh_every: the eigenvector refresh period in steps, as the transform uses it (the
       host-side static path must decide with the same number: ``is_due(step, refresh_every)``).
+    mesa_start_step: for ``mesa``/``mesa_adamw``, the first step whose loss has MESA's KL term
+      (``mesa_start_epoch`` epochs in); the step must then keep the EMA teacher
+      (:class:`xsam_jax.training.MESATrainState`). None for every other optimizer.
   """
 
   tx: optax.GradientTransformationExtraArgs
   needs_grad_fn: bool
   tracks_eigvec: bool
   refresh_every: int
+  mesa_start_step: int | None = None
 
 
 # ASAM's official code (SamsungLabs/ASAM, ``asam.py``) applies T_w = |w| + eta only to the
@@ -94,7 +98,8 @@ def sharpness_method(
   looksam_adaptive: bool = False,
   esam_beta: float = 0.5,
 ) -> optax.GradientTransformationExtraArgs | None:
-  """The first link of the chain for ``method`` (``sgd``/``adamw``: None, no sharpness term).
+  """The first link of the chain for ``method`` (``sgd``/``adamw``/``mesa``: None, no ascent;
+  MESA's term is in the loss, :func:`build_optimizer`'s ``mesa_start_step``).
 
   ``asam`` rescales only the leaves :func:`asam_mask` selects (weights, not biases), as the
   official ASAM code does. The cheaper SAM variants (issue 21):
@@ -110,7 +115,7 @@ def sharpness_method(
   * ``esam``: ESAM's stochastic weight perturbation only (tensors drawn with probability
     ``esam_beta`` from ``key``); its data selection is not wired here.
   """
-  if method in ("sgd", "adamw"):
+  if method in ("sgd", "adamw", "mesa"):
     return None
   if method == "sam":
     return xsam_jax.sam(rho=rho)
@@ -141,7 +146,7 @@ def sharpness_method(
     return xsam_jax.xsam(**eig, normalize=normalize, correction=correction)
   raise ValueError(
     f"unknown sharpness method {method!r}; choose one of sgd, sam, asam, eigen_sam, xsam, "
-    "sam_every, rst, ae_sam, looksam, esam"
+    "sam_every, rst, ae_sam, looksam, esam, mesa"
   )
 
 
@@ -169,7 +174,8 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
   decay, as in the papers' code). AdamW family: ``optax.adamw`` (decoupled decay). The
   sharpness method always comes first, so it sees the raw minibatch gradient. The method is
   the name without ``_adamw`` (``looksam_adamw``: :func:`xsam_jax.looksam` then AdamW); its
-  hyperparameters are the config fields of :func:`sharpness_method`'s arguments.
+  hyperparameters are the config fields of :func:`sharpness_method`'s arguments. ``mesa`` is the
+  base optimizer alone; its KL term is added to the loss from ``mesa_start_step`` on.
   """
   schedule = learning_rate(config, steps_per_epoch)
   adamw = config.optimizer.endswith("adamw")
@@ -215,6 +221,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     needs_grad_fn=sharp is not None,
     tracks_eigvec=method in ("eigen_sam", "xsam"),
     refresh_every=refresh_every,
+    mesa_start_step=config.mesa_start_epoch * steps_per_epoch if method == "mesa" else None,
   )
 
 

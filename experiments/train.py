@@ -81,10 +81,26 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
   return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+def mesa_cross_entropy(
+  logits: jax.Array, targets: tuple[jax.Array, jax.Array], *, weight: Any, temperature: float
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """MESA's loss (:func:`xsam_jax.training.mesa_loss`) and ``(accuracy, KL term)`` as aux.
+
+  ``targets`` is ``(labels, teacher logits)``; the KL term is
+  :func:`xsam_jax.training.trajectory_kl` (with its ``temperature**2``, before ``weight``).
+  """
+  labels, teacher = targets
+  logits = _at_least_float32(logits)
+  loss = training.mesa_loss(logits, teacher, labels, weight=weight, temperature=temperature)
+  kl = training.trajectory_kl(logits, teacher, temperature=temperature)
+  return loss, (jnp.mean(jnp.argmax(logits, -1) == labels), kl)
+
+
 def create_state(
   config: TrainConfig, dataset: data_lib.Dataset, spec: OptimizerSpec
 ) -> training.TrainState:
-  """The initial :class:`xsam_jax.training.TrainState` of a run."""
+  """The initial :class:`xsam_jax.training.TrainState` of a run (a
+  :class:`~xsam_jax.training.MESATrainState`, which keeps the EMA teacher, for MESA)."""
   kwargs: dict[str, Any] = {}
   if config.compute_dtype != "float32":
     kwargs["dtype"] = jnp.dtype(config.compute_dtype)
@@ -94,9 +110,10 @@ def create_state(
   params, batch_stats = init_model(model, (1, *dataset.image_shape), jax.random.key(config.seed))
   if config.compute_dtype == "float64":  # the float32 initial values, held in float64
     params, batch_stats = optax.tree.cast((params, batch_stats), jnp.float64)
-  return training.TrainState.create(
-    apply_fn=model.apply, params=params, tx=spec.tx, batch_stats=batch_stats or None
-  )
+  fields = dict(apply_fn=model.apply, params=params, tx=spec.tx, batch_stats=batch_stats or None)
+  if spec.mesa_start_step is not None:
+    return training.MESATrainState.create(**fields, mesa_decay=config.mesa_decay)
+  return training.TrainState.create(**fields)
 
 
 def init_state(
@@ -150,11 +167,19 @@ def make_train_step(
     )
 
   def step(state, batch, eig_batch, refresh):
+    loss_fn, targets = cross_entropy, batch["label"]
+    if spec.mesa_start_step is not None:  # MESA: CE + KL towards the EMA teacher's predictions
+      # The weight is traced: one program for the steps before and after the start.
+      weight = jnp.where(state.step >= spec.mesa_start_step, config.mesa_weight, 0.0)
+      loss_fn = functools.partial(
+        mesa_cross_entropy, weight=weight, temperature=config.mesa_temperature
+      )
+      targets = (batch["label"], state.teacher_logits(batch["image"]))
     out = training.linen_grad_fns(
       state,
-      cross_entropy,
+      loss_fn,
       batch["image"],
-      batch["label"],
+      targets,
       dropout_rng=jax.random.fold_in(dropout_key, state.step),
       has_aux=True,
     )
@@ -167,8 +192,12 @@ def make_train_step(
         extra["eig_grad_fn"] = fixed_examples_grad_fn(state, *eig_batch)
       elif config.eig_eval_mode:
         extra["eig_grad_fn"] = out.eig_grad_fn
+    # MESATrainState also moves its EMA teacher here, after the step.
     state = state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats, **extra)
-    metrics = {"loss": out.loss, "accuracy": out.aux, "grad_norm": optax.tree.norm(out.grads)}
+    accuracy = out.aux[0] if spec.mesa_start_step is not None else out.aux
+    metrics = {"loss": out.loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(out.grads)}
+    if spec.mesa_start_step is not None:
+      metrics["mesa_kl"] = out.aux[1]
     if spec.tracks_eigvec:
       metrics["eigval"] = optax.tree.get(state.opt_state, "eigval")
       metrics["abs_cos"] = jnp.abs(optax.tree.get(state.opt_state, "cos"))

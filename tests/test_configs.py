@@ -131,6 +131,11 @@ def test_float64_compute_is_refused_without_64_bit_jax_and_says_how_to_enable_it
     "ae_threshold_end=inf",
     "looksam_k=0",
     "looksam_alpha=-0.5",
+    "mesa_weight=-0.1",
+    "mesa_decay=1.0",
+    "mesa_decay=-0.1",
+    "mesa_temperature=0",
+    "mesa_start_epoch=-1",
   ],
 )
 def test_every_out_of_range_field_is_refused_by_name_with_the_way_to_set_it(override):

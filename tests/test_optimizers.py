@@ -117,7 +117,7 @@ def _reference_trajectory(config, steps):
     g = _grad(x)
     g_hat = g / np.linalg.norm(g)
     sam = _grad(x + config.rho * g_hat)
-    if method in ("sgd", "adamw"):
+    if method in ("sgd", "adamw", "mesa"):  # MESA's term is in the loss, not the chain
       d = g
     elif method == "sam":
       d = sam
@@ -173,7 +173,8 @@ def _reference_trajectory(config, steps):
 def test_every_optimizer_takes_its_methods_first_steps(name):
   config = dataclasses.replace(TrainConfig(), optimizer=name, **RECIPE)
   spec = build_optimizer(config, 10)
-  assert spec.needs_grad_fn == (name not in ("sgd", "adamw"))
+  assert spec.needs_grad_fn == (name not in ("sgd", "adamw", "mesa", "mesa_adamw"))
+  assert (spec.mesa_start_step is not None) == name.startswith("mesa")
   assert spec.tracks_eigvec == name.startswith(("xsam", "eigen_sam"))
   step = make_step(spec.tx, _quadratic_loss)
   params, state = PARAMS, spec.tx.init(PARAMS)
@@ -327,3 +328,18 @@ def test_gradient_evaluations_count_ascents_and_hvps_from_the_state():
       "hvps": hvps,
       "grad_evals": 7 + ascent + hvps,
     }, name
+
+
+@pytest.mark.parametrize("name", ["mesa", "mesa_adamw"])
+def test_mesa_starts_its_kl_term_mesa_start_epoch_epochs_in_on_the_base_optimizer(name):
+  config = dataclasses.replace(TrainConfig(), optimizer=name, mesa_start_epoch=3)
+  spec = build_optimizer(config, steps_per_epoch=7)
+  assert spec.mesa_start_step == 21 and not spec.needs_grad_fn and not spec.tracks_eigvec
+  plain = {"mesa": "sgd", "mesa_adamw": "adamw"}[name]
+  base = build_optimizer(dataclasses.replace(config, optimizer=plain), 7)
+  params = {"w": jnp.asarray([1.0, -2.0])}
+  grads = {"w": jnp.asarray([0.5, 0.25])}
+  updates = spec.tx.update(grads, spec.tx.init(params), params)[0]
+  np.testing.assert_array_equal(
+    updates["w"], base.tx.update(grads, base.tx.init(params), params)[0]["w"]
+  )

@@ -508,3 +508,44 @@ def test_xsam_counts_one_ascent_per_step_and_q_hvps_per_refresh(uninterrupted):
   assert summary["grad_evals_ascent"] == steps
   assert summary["hvps"] == refreshes * config.power_iters
   assert summary["grad_evals"] == 2 * steps + refreshes * config.power_iters
+
+
+MESA_TINY = ("train_examples=128", "batch_size=32", "mesa_decay=0.5", "log_every=1")
+
+
+def test_mesa_step_is_sgd_bit_for_bit_before_its_start_step_and_not_after():
+  # mesa_start_epoch=1 at 4 steps per epoch: steps 0-3 have weight 0, step 4 has the term.
+  sgd, mesa = (_config(name, *MESA_TINY, "mesa_start_epoch=1") for name in ("sgd", "mesa"))
+  dataset = data_lib.load_dataset("digits", label_noise=0.4, train_examples=128)
+  states, kls = {}, []
+  for config in (sgd, mesa):
+    spec = build_optimizer(config, 4)
+    state = train_lib.create_state(config, dataset, spec)
+    step = train_lib.make_train_step(config, spec)
+    history = []
+    for batch in data_lib.train_batches(dataset, 32, 0, 0, augment=False):
+      state, metrics = step(state, {k: jax.numpy.asarray(v) for k, v in batch.items()})
+      history.append(jax.device_get(state.params))
+      kls.append(metrics.get("mesa_kl"))
+    last = next(data_lib.train_batches(dataset, 32, 0, 1, augment=False))
+    state, _ = step(state, {k: jax.numpy.asarray(v) for k, v in last.items()})
+    states[config.optimizer] = (history, jax.device_get(state.params))
+  assert isinstance(state, xsam_jax.training.MESATrainState) and int(state.mesa.count) == 5
+  for i, (a, b) in enumerate(zip(states["sgd"][0], states["mesa"][0], strict=True)):
+    assert _tree_digest(a) == _tree_digest(b), f"step {i}"
+  assert _tree_digest(states["sgd"][1]) != _tree_digest(states["mesa"][1])  # step 4: the term
+  assert all(kl > 0 for kl in kls[5:8])  # the teacher (decay 0.5) lags the student
+
+
+@pytest.mark.slow
+def test_mesa_run_resumes_bit_identically_with_its_ema_teacher(tmp_path):
+  config = _config("mesa", *MESA_TINY, "epochs=2", "mesa_start_epoch=1")
+  summary, state = train_lib.train(config, tmp_path / "full")
+  first, _ = train_lib.train(config, tmp_path / "split", max_epochs_this_run=1)
+  assert first is None
+  resumed, resumed_state = train_lib.train(config, tmp_path / "split")
+  assert int(state.mesa.count) == int(state.step) == 8
+  for name in ("params", "opt_state", "batch_stats", "mesa"):
+    assert _tree_digest(getattr(resumed_state, name)) == _tree_digest(getattr(state, name)), name
+  assert _tree_digest(state.mesa.ema["params"]) != _tree_digest(state.params)
+  assert resumed["test_accuracy"] == summary["test_accuracy"]

@@ -597,3 +597,211 @@ def test_xla_counts_sams_flops_for_esams_weight_half_and_fewer_with_data_selecti
   sam = flops(xsam_jax.sam(0.05), select=False)
   np.testing.assert_allclose(flops(xsam_jax.esam(0.05, beta=0.5), select=False), sam, rtol=1e-3)
   assert flops(xsam_jax.esam(0.05, beta=0.5), select=True) < 0.95 * sam
+
+
+# MESA: the KL term towards the EMA teacher.
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_mesa_loss_is_cross_entropy_plus_weight_tau_squared_kl_from_teacher_to_student():
+  rng = np.random.default_rng(0)
+  z, z_ema = rng.normal(size=(6, 4)) * 3, rng.normal(size=(6, 4)) * 3
+  labels = rng.integers(0, 4, size=6)
+  tau, lam = 2.5, 0.7
+  # NumPy, float64: KL(q || p) with q the teacher's softened softmax, summed over classes.
+  log_p, log_q = _np_log_softmax(z / tau), _np_log_softmax(z_ema / tau)
+  kl = tau**2 * np.mean(np.sum(np.exp(log_q) * (log_q - log_p), -1))
+  ce = -np.mean(_np_log_softmax(z)[np.arange(6), labels])
+  args = (jnp.asarray(z, jnp.float32), jnp.asarray(z_ema, jnp.float32))
+  got_kl = training.trajectory_kl(*args, temperature=tau)
+  got = training.mesa_loss(*args, jnp.asarray(labels), weight=lam, temperature=tau)
+  np.testing.assert_allclose(got_kl, kl, rtol=1e-5)
+  np.testing.assert_allclose(got, ce + lam * kl, rtol=1e-5)
+  # Its gradient: tau (p - q) / B on the student's logits, nothing on the teacher's.
+  g_z, g_ema = jax.grad(lambda a, b: training.trajectory_kl(a, b, temperature=tau), argnums=(0, 1))(
+    *args
+  )
+  np.testing.assert_allclose(g_z, tau * (np.exp(log_p) - np.exp(log_q)) / 6, atol=1e-6)
+  assert not np.any(np.asarray(g_ema))
+
+
+def test_ema_update_matches_numpy_keeps_dtypes_and_copies_integer_leaves():
+  rng = np.random.default_rng(1)
+  steps = [rng.normal(size=3) for _ in range(4)]
+  tree = lambda w: {"f32": jnp.asarray(w, jnp.float32), "bf16": jnp.asarray(w, jnp.bfloat16)}
+  state = training.mesa_init({**tree(steps[0]), "n": jnp.asarray(0)})
+  expected = steps[0]
+  for i, w in enumerate(steps[1:], start=1):
+    state = training.mesa_update(state, {**tree(w), "n": jnp.asarray(i)}, decay=0.75)
+    expected = 0.75 * expected + 0.25 * w
+  assert int(state.count) == 3 and int(state.ema["n"]) == 3
+  assert (state.ema["f32"].dtype, state.ema["bf16"].dtype) == (jnp.float32, jnp.bfloat16)
+  np.testing.assert_allclose(state.ema["f32"], expected, rtol=1e-6)
+  np.testing.assert_allclose(np.float32(state.ema["bf16"]), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+  ("call", "name"),
+  [
+    (lambda: training.ema_update(jnp.ones(2), jnp.ones(2), 1.0), "decay"),
+    (lambda: training.ema_update(jnp.ones(2), jnp.ones(2), -0.1), "decay"),
+    (lambda: training.mesa_update(training.mesa_init(1.0), 1.0, decay=float("nan")), "decay"),
+    (
+      lambda: training.mesa_loss(
+        jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(1, int), temperature=0.0
+      ),
+      "temperature",
+    ),
+    (
+      lambda: training.trajectory_kl(jnp.ones((1, 2)), jnp.ones((1, 2)), temperature=-1.0),
+      "temperature",
+    ),
+    (
+      lambda: training.mesa_loss(
+        jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros(1, int), weight=-0.5
+      ),
+      "weight",
+    ),
+    (
+      lambda: training.trajectory_kl(jnp.ones((1, 2)), jnp.ones((1, 3)), temperature=1.0),
+      "ema_logits",
+    ),
+    (lambda: linen_state_mesa(optax.sgd(0.1), decay=1.0), "decay"),
+  ],
+)
+def test_bad_mesa_arguments_raise_a_value_error_naming_the_argument(call, name):
+  with pytest.raises(ValueError, match=f"`{name}`"):
+    call()
+
+
+def linen_state_mesa(tx, decay):
+  variables = initial_variables()
+  return training.MESATrainState.create(
+    apply_fn=linen_apply(0.0),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=tx,
+    mesa_decay=decay,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("weight", "temperature"))
+def mesa_linen_step(state, x, y, weight, temperature=4.0):
+  teacher = state.teacher_logits(x)
+  loss_fn = lambda z, t: training.mesa_loss(z, t[1], t[0], weight=weight, temperature=temperature)
+  out = training.linen_grad_fns(state, loss_fn, x, (y, teacher))
+  return state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats)
+
+
+@jax.jit
+def plain_linen_step(state, x, y):
+  out = training.linen_grad_fns(state, xent, x, y)
+  return state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats)
+
+
+def test_mesa_with_weight_zero_trains_bit_for_bit_like_plain_sgd():
+  tx = optax.sgd(0.5, momentum=0.9)
+  mesa, plain = linen_state_mesa(tx, decay=0.5), linen_state(tx)
+  x, y = batch()
+  for _ in range(3):
+    mesa, plain = mesa_linen_step(mesa, x, y, weight=0.0), plain_linen_step(plain, x, y)
+  np.testing.assert_array_equal(
+    jax.flatten_util.ravel_pytree(mesa.params)[0], jax.flatten_util.ravel_pytree(plain.params)[0]
+  )
+  chex.assert_trees_all_equal(mesa.batch_stats, plain.batch_stats)
+  # ... and the term does move the weights once it has a weight (the test can fail).
+  moved = mesa_linen_step(mesa_linen_step(linen_state_mesa(tx, 0.5), x, y, 1.0), x, y, 1.0)
+  assert (
+    max_abs_diff(
+      moved.params,
+      mesa_linen_step(mesa_linen_step(linen_state_mesa(tx, 0.5), x, y, 0.0), x, y, 0.0).params,
+    )
+    > 1e-4
+  )
+
+
+def test_mesa_train_state_averages_params_and_batch_stats_after_each_step_and_teaches_in_eval():
+  decay = 0.6
+  state = linen_state_mesa(optax.sgd(0.5), decay)
+  x, y = batch()
+  flat = lambda s: jax.flatten_util.ravel_pytree({"params": s.params, "bn": s.batch_stats})[0]
+  expected = np.asarray(flat(state), np.float64)  # a copy of the initial variables
+  for _ in range(3):
+    state = mesa_linen_step(state, x, y, weight=1.0)
+    expected = decay * expected + (1 - decay) * np.asarray(flat(state), np.float64)
+  ema = jax.flatten_util.ravel_pytree(
+    {"params": state.mesa.ema["params"], "bn": state.mesa.ema["batch_stats"]}
+  )[0]
+  assert int(state.mesa.count) == 3
+  np.testing.assert_allclose(ema, expected, rtol=1e-5, atol=1e-6)
+  # The teacher is the model at the averaged variables, in eval mode (running averages).
+  np.testing.assert_allclose(
+    state.teacher_logits(x), state.apply_fn(state.mesa.ema, x, train=False), rtol=1e-6
+  )
+
+
+def test_one_mesa_step_of_a_linear_softmax_model_matches_numpy():
+  # logits = x W: the step's gradient is x^T [(softmax(z) - onehot) + lam tau (p - q)] / B,
+  # with p, q the softened softmaxes of the student and the EMA teacher.
+  class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      return nn.Dense(NUM_CLASSES, use_bias=False)(x)
+
+  x, y = batch()
+  params = Linear().init(jax.random.key(3), x, train=False)["params"]
+  state = training.MESATrainState.create(
+    apply_fn=Linear().apply, params=params, tx=optax.sgd(0.3), mesa_decay=0.5
+  )
+  lam, tau, lr, decay = 0.9, 3.0, 0.3, 0.5
+  xn, onehot = np.asarray(x, np.float64), np.eye(NUM_CLASSES)[np.asarray(y)]
+  w = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  w_ema = w.copy()
+  softmax = lambda z: np.exp(_np_log_softmax(z))
+  for _ in range(3):
+    state = mesa_linen_step(state, x, y, weight=lam, temperature=tau)
+    z, z_ema = xn @ w, xn @ w_ema
+    dz = (softmax(z) - onehot) + lam * tau * (softmax(z / tau) - softmax(z_ema / tau))
+    w = w - lr * xn.T @ dz / BATCH
+    w_ema = decay * w_ema + (1 - decay) * w
+  np.testing.assert_allclose(state.params["Dense_0"]["kernel"], w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    state.mesa.ema["params"]["Dense_0"]["kernel"], w_ema, rtol=1e-5, atol=1e-6
+  )
+
+
+def test_nnx_mesa_steps_match_the_linen_ones():
+  x, y = batch()
+  tx, decay, lam, tau = optax.sgd(0.5), 0.6, 0.8, 4.0
+  state = linen_state_mesa(tx, decay)
+  model = nnx_model_like(state)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  mesa = training.nnx_mesa_init(model)
+
+  def loss_fn(model, x, labels, teacher):
+    return training.mesa_loss(model(x), teacher, labels, weight=lam, temperature=tau)
+
+  @nnx.jit
+  def nnx_mesa_step(model, optimizer, mesa, x, y):
+    teacher = training.nnx_teacher(model, mesa)(x)
+    out = training.nnx_grad_fns(model, loss_fn, x, y, teacher)
+    optimizer.update(model, out.grads)
+    return training.nnx_mesa_update(mesa, model, decay=decay)
+
+  for _ in range(3):
+    state = mesa_linen_step(state, x, y, weight=lam, temperature=tau)
+    mesa = nnx_mesa_step(model, optimizer, mesa, x, y)
+  np.testing.assert_allclose(
+    model.dense2.kernel[...], state.params["dense2"]["kernel"], rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    mesa.ema["bn"]["mean"], state.mesa.ema["batch_stats"]["bn"]["mean"], rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    mesa.ema["dense1"]["kernel"], state.mesa.ema["params"]["dense1"]["kernel"], rtol=1e-5, atol=1e-6
+  )
+  assert not model.bn.use_running_average  # nnx_teacher switched a copy to eval mode

@@ -29,17 +29,25 @@ Linen models are called as ``apply_fn({'params': p, 'batch_stats': s}, x, train=
   :func:`xsam_jax.esam` (ESAM's other half) or any other method.
 * :func:`nnx_refresh_eigenvector` -- :func:`xsam_jax.refresh_eigenvector` for the state of an
   ``nnx.Optimizer`` (whose leaves are wrapped in Flax variables).
+* MESA (Du et al. 2022), SAM's effect from a KL term towards an EMA of the weights:
+  :func:`mesa_loss` (cross-entropy + :func:`trajectory_kl`), the EMA teacher
+  (:class:`MESAState`, :func:`mesa_init`, :func:`mesa_update`, :func:`ema_update`), and its
+  glue: :class:`MESATrainState` (Linen: keeps and updates the EMA, ``teacher_logits``),
+  :func:`nnx_mesa_init`/:func:`nnx_mesa_update`/:func:`nnx_teacher` (NNX).
 
 A whole training step compiles once under ``nnx.jit`` or ``jax.jit``.
 
 References:
   Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
   Generalization", ICLR 2021, arXiv:2010.01412 (BatchNorm statistics from the clean pass only).
+  Du, Zhou, Feng, Tan & Zhou, "Sharpness-Aware Training for Free", NeurIPS 2022,
+  arXiv:2205.14083 (MESA; official code github.com/AngusDujw/SAF).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,7 +56,7 @@ import jax.numpy as jnp
 import optax
 
 try:
-  from flax import nnx
+  from flax import nnx, struct
   from flax.training import train_state
 except ImportError as e:  # flax is an optional dependency of the library
   raise ImportError(
@@ -61,14 +69,24 @@ GradFn = Callable[[PyTree], PyTree]
 
 __all__ = [
   "LinenGradFns",
+  "MESAState",
+  "MESATrainState",
   "NNXGradFns",
   "SharpExamples",
   "TrainState",
+  "ema_update",
   "linen_grad_fns",
+  "mesa_init",
+  "mesa_loss",
+  "mesa_update",
   "nnx_grad_fns",
+  "nnx_mesa_init",
+  "nnx_mesa_update",
   "nnx_refresh_eigenvector",
+  "nnx_teacher",
   "select_sharp_examples",
   "sharp_examples_grad_fn",
+  "trajectory_kl",
 ]
 
 
@@ -650,3 +668,429 @@ def sharp_examples_grad_fn(
     return jax.grad(lambda p: jnp.mean(per_example_loss(p, subset)))(params)
 
   return grad_fn
+
+
+# --------------------------------------------------------------------------------------------
+# MESA (Du, Zhou, Feng, Tan & Zhou, "Sharpness-Aware Training for Free", NeurIPS 2022,
+# arXiv:2205.14083): the loss term and the EMA teacher, then their Linen and NNX glue.
+#
+# Settings of the official code (github.com/AngusDujw/SAF, MESA_train.py and run.sh): the EMA is
+# timm's ModelEmaV2 (parameters *and* BatchNorm buffers, a copy of the initial model, updated
+# after every optimizer step, decay 0.9998; the teacher runs in eval mode), temperature 5,
+# weight 0.8 in the ImageNet command (argument default 0.3), and the term is on when
+# `epoch > kl_start_epoch` with kl_start_epoch = 5 (0-based epochs: from the seventh epoch). The
+# KL is summed over classes, averaged over the batch and multiplied by temperature**2.
+# The official code's settings (see above).
+DEFAULT_DECAY = 0.9998
+DEFAULT_TEMPERATURE = 5.0
+DEFAULT_WEIGHT = 0.8
+
+
+def _concrete(value: Any) -> float | None:
+  """The Python float behind ``value``, or None for a traced array."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+
+
+def _check_decay(decay: Any) -> None:
+  """Raises ``ValueError`` unless a concrete ``decay`` lies in [0, 1)."""
+  x = _concrete(decay)
+  if x is not None and not 0.0 <= x < 1.0:  # also catches NaN
+    raise ValueError(
+      f"`decay` must be in [0, 1), got {decay!r}: the EMA keeps `decay` of its value per step "
+      "(the official MESA code uses 0.9998; 1 would never move, a value >= 1 or < 0 diverges)."
+    )
+
+
+def _check_loss_args(weight: Any, temperature: Any) -> None:
+  w = _concrete(weight)
+  if w is not None and not (w >= 0.0 and math.isfinite(w)):
+    raise ValueError(
+      f"`weight` must be a finite number >= 0, got {weight!r}: it scales the KL term "
+      "(0 turns MESA off; the official code uses 0.8)."
+    )
+  t = _concrete(temperature)
+  if t is not None and not (t > 0.0 and math.isfinite(t)):
+    raise ValueError(
+      f"`temperature` must be a finite number > 0, got {temperature!r}: the logits are divided "
+      "by it (the official MESA code uses 5)."
+    )
+
+
+class MESAState(NamedTuple):
+  """The teacher of MESA: an exponential moving average of the model's variables.
+
+  Attributes:
+    count: number of :func:`mesa_update` calls so far (int32 scalar).
+    ema: the moving average, shaped like the tracked tree (for a Linen model the variables
+      ``{'params': ..., 'batch_stats': ...}``, for NNX the pure state of ``nnx.Param`` and
+      ``nnx.BatchStat``); dtypes are those of the tree it was initialised from.
+  """
+
+  count: jax.Array
+  ema: PyTree
+
+
+def ema_update(ema: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree:
+  r"""One step of an exponential moving average, leaf by leaf.
+
+  .. math:: \bar w \leftarrow \beta \bar w + (1 - \beta) w
+
+  computed in at least float32 and cast back to the dtype of each ``ema`` leaf. Integer and
+  boolean leaves (counters) take the new value.
+
+  Args:
+    ema: the average so far.
+    new: the new value, shaped like ``ema``.
+    decay: :math:`\beta` in [0, 1) (a traced scalar is accepted unchecked).
+
+  Returns:
+    The updated average, with the dtypes of ``ema``.
+
+  Raises:
+    ValueError: if a concrete ``decay`` is outside [0, 1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from xsam_jax import training
+    >>> training.ema_update(jnp.array([1.0, 2.0]), jnp.array([3.0, 0.0]), 0.75)
+    Array([1.5, 1.5], dtype=float32)
+  """
+  _check_decay(decay)
+
+  def one(e: jax.Array, w: jax.Array) -> jax.Array:
+    e, w = jnp.asarray(e), jnp.asarray(w)
+    if not jnp.issubdtype(e.dtype, jnp.inexact):
+      return w.astype(e.dtype)
+    dtype = jnp.promote_types(e.dtype, jnp.float32)
+    d = jnp.asarray(decay, dtype)
+    out = d * e.astype(dtype) + (1 - d) * w.astype(dtype)
+    return out.astype(e.dtype)
+
+  return jax.tree.map(one, ema, new)
+
+
+def mesa_init(tree: PyTree) -> MESAState:
+  """The teacher at step 0: a copy of ``tree`` (timm's ``ModelEmaV2`` copies the initial model).
+
+  Args:
+    tree: what to average (model variables).
+
+  Returns:
+    A :class:`MESAState` with ``count = 0`` and ``ema`` a copy of ``tree``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from xsam_jax import training
+    >>> state = training.mesa_init({"w": jnp.ones(2)})
+    >>> int(state.count), state.ema["w"].tolist()
+    (0, [1.0, 1.0])
+  """
+  return MESAState(count=jnp.zeros([], jnp.int32), ema=jax.tree.map(jnp.array, tree))
+
+
+def mesa_update(state: MESAState, tree: PyTree, *, decay: float | jax.Array) -> MESAState:
+  r"""Moves the teacher towards ``tree``: :math:`\bar w \leftarrow \beta\bar w + (1-\beta) w`.
+
+  Call it after each optimizer step with the new variables (the official code updates the EMA
+  after ``optimizer.step()``, BatchNorm buffers included).
+
+  Args:
+    state: the teacher so far.
+    tree: the model's current variables, shaped like ``state.ema``.
+    decay: :math:`\beta` in [0, 1).
+
+  Returns:
+    The new :class:`MESAState` (``count`` + 1).
+
+  Raises:
+    ValueError: if a concrete ``decay`` is outside [0, 1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from xsam_jax import training
+    >>> state = training.mesa_update(training.mesa_init(jnp.zeros(2)), jnp.ones(2), decay=0.9)
+    >>> int(state.count), [round(x, 6) for x in state.ema.tolist()]
+    (1, [0.1, 0.1])
+  """
+  return MESAState(count=state.count + 1, ema=ema_update(state.ema, tree, decay))
+
+
+def trajectory_kl(
+  logits: jax.Array, ema_logits: jax.Array, *, temperature: float | jax.Array
+) -> jax.Array:
+  r"""MESA's KL term, :math:`\tau^2` times the batch mean of the KL from teacher to student.
+
+  .. math::
+
+    \tau^2 \frac{1}{B} \sum_{b} \sum_{c} q_{bc} (\log q_{bc} - \log p_{bc}), \quad
+    q = \mathrm{softmax}(f_{\bar w}(x)/\tau), \; p = \mathrm{softmax}(f_w(x)/\tau),
+
+  over the last axis (classes), averaged over all others, in at least float32. No gradient
+  flows into ``ema_logits`` (``stop_gradient``). The factor :math:`\tau^2` keeps the gradient's
+  scale independent of :math:`\tau`, as in the official code.
+
+  Args:
+    logits: the student's logits :math:`f_w(x)`, shape ``(..., classes)``.
+    ema_logits: the teacher's logits :math:`f_{\bar w}(x)`, same shape.
+    temperature: :math:`\tau > 0`.
+
+  Returns:
+    A scalar.
+
+  Raises:
+    ValueError: if a concrete ``temperature`` is not > 0, or the shapes differ.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from xsam_jax import training
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> float(training.trajectory_kl(z, z, temperature=5.0))  # same predictions: no penalty
+    0.0
+  """
+  _check_loss_args(0.0, temperature)
+  if jnp.shape(logits) != jnp.shape(ema_logits):
+    raise ValueError(
+      f"`logits` {jnp.shape(logits)} and `ema_logits` {jnp.shape(ema_logits)} must have the "
+      "same shape: the teacher's logits on the same inputs."
+    )
+  dtype = jnp.promote_types(jnp.result_type(logits), jnp.float32)
+  tau = jnp.asarray(temperature, dtype)
+  log_p = jax.nn.log_softmax(jnp.asarray(logits, dtype) / tau, axis=-1)
+  log_q = jax.nn.log_softmax(jax.lax.stop_gradient(jnp.asarray(ema_logits, dtype)) / tau, axis=-1)
+  kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+  return tau**2 * jnp.mean(kl)
+
+
+def mesa_loss(
+  logits: jax.Array,
+  ema_logits: jax.Array,
+  labels: jax.Array,
+  *,
+  weight: float | jax.Array = DEFAULT_WEIGHT,
+  temperature: float | jax.Array = DEFAULT_TEMPERATURE,
+) -> jax.Array:
+  r"""MESA's loss: cross-entropy plus ``weight`` times :func:`trajectory_kl`.
+
+  .. math::
+
+    L = \frac{1}{B}\sum_b \mathrm{CE}(f_w(x_b), y_b)
+      + \lambda \tau^2 \frac{1}{B}\sum_b \mathrm{KL}\big(\mathrm{softmax}(f_{\bar w}(x_b)/\tau)
+        \,\|\, \mathrm{softmax}(f_w(x_b)/\tau)\big)
+
+  in at least float32. ``weight`` may be traced, e.g. ``jnp.where(step >= start, λ, 0.)`` to
+  switch the term on at a start epoch inside a compiled step; with ``weight = 0`` the gradient
+  is that of the cross-entropy.
+
+  Args:
+    logits: the student's logits, shape ``(batch, classes)``.
+    ema_logits: the teacher's logits on the same inputs (no gradient flows into them).
+    labels: integer labels, shape ``(batch,)``.
+    weight: :math:`\lambda \ge 0` (official code: 0.8).
+    temperature: :math:`\tau > 0` (official code: 5).
+
+  Returns:
+    The scalar loss.
+
+  Raises:
+    ValueError: if a concrete ``weight`` is negative or ``temperature`` not positive.
+
+  References:
+    Du, Zhou, Feng, Tan & Zhou, "Sharpness-Aware Training for Free", NeurIPS 2022,
+    arXiv:2205.14083.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from xsam_jax import training
+    >>> z, labels = jnp.array([[2.0, 0.0]]), jnp.array([0])
+    >>> ce = float(training.mesa_loss(z, z, labels, weight=0.8))  # teacher agrees: CE alone
+    >>> round(ce, 4)
+    0.1269
+    >>> float(training.mesa_loss(z, -z, labels, weight=0.8)) > ce  # teacher disagrees
+    True
+  """
+  _check_loss_args(weight, temperature)
+  dtype = jnp.promote_types(jnp.result_type(logits), jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits, dtype), labels).mean()
+  kl = trajectory_kl(logits, ema_logits, temperature=temperature)
+  return ce + jnp.asarray(weight, dtype) * kl
+
+
+# MESA glue for Linen and NNX.
+
+
+def _linen_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+  """``{'params': params, 'batch_stats': batch_stats}``, without the second for no BatchNorm."""
+  if jax.tree.leaves(batch_stats):
+    return {"params": params, "batch_stats": batch_stats}
+  return {"params": params}
+
+
+class MESATrainState(TrainState):
+  r"""A :class:`TrainState` that keeps MESA's teacher: an EMA of the weights and BatchNorm stats.
+
+  ``mesa.ema`` holds the moving average of the model's variables, ``{'params': ...,
+  'batch_stats': ...}`` (no ``'batch_stats'`` for a model without BatchNorm), started as a copy
+  of the initial ones and moved after every :meth:`apply_gradients`, once the new parameters and
+  the ``batch_stats`` passed with them are in place:
+  :math:`\bar w \leftarrow \beta \bar w + (1-\beta) w` (the official code's timm ``ModelEmaV2``).
+  :meth:`teacher_logits` runs the teacher in eval mode. The EMA is part of the state, so it is
+  sharded, checkpointed and restored with it.
+
+  Attributes:
+    mesa: the :class:`MESAState` (``count``, ``ema``).
+    mesa_decay: :math:`\beta` in [0, 1), a static field (official code: 0.9998).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import flax.linen as nn
+    >>> from xsam_jax import training
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+    ...     return nn.Dense(3)(nn.relu(x))
+    >>> x, labels = jnp.linspace(-1.0, 1.0, 20).reshape(4, 5), jnp.array([0, 1, 2, 0])
+    >>> variables = Net().init(jax.random.key(0), x, train=False)
+    >>> state = training.MESATrainState.create(
+    ...   apply_fn=Net().apply, params=variables["params"],
+    ...   batch_stats=variables["batch_stats"], tx=optax.sgd(0.1), mesa_decay=0.9)
+    >>> @jax.jit
+    ... def train_step(state, x, labels):
+    ...   teacher = state.teacher_logits(x)  # the extra forward pass, eval mode
+    ...   loss_fn = lambda logits, t: training.mesa_loss(logits, t[1], t[0], weight=0.8)
+    ...   out = training.linen_grad_fns(state, loss_fn, x, (labels, teacher))
+    ...   return state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats), out.loss
+    >>> losses = []
+    >>> for _ in range(3):
+    ...   state, loss = train_step(state, x, labels)
+    ...   losses.append(float(loss))
+    >>> losses[0] > losses[1] > losses[2], int(state.mesa.count)  # it trains; the EMA moved
+    (True, 3)
+  """
+
+  mesa: Any = None
+  mesa_decay: float = struct.field(pytree_node=False, default=DEFAULT_DECAY)
+
+  @classmethod
+  def create(
+    cls,
+    *,
+    apply_fn: Callable[..., Any],
+    params: PyTree,
+    tx: optax.GradientTransformation,
+    mesa_decay: float = DEFAULT_DECAY,
+    **kwargs: Any,
+  ) -> MESATrainState:
+    """A new state whose teacher is a copy of the initial variables.
+
+    Args:
+      apply_fn: the Linen model's ``apply``.
+      params: the initial parameters.
+      tx: the optimizer (any optax transform; MESA needs no ``grad_fn``).
+      mesa_decay: the EMA's :math:`\\beta` in [0, 1).
+      **kwargs: other fields (``batch_stats``).
+
+    Raises:
+      ValueError: if ``mesa_decay`` is outside [0, 1).
+    """
+    _check_decay(mesa_decay)
+    state = super().create(
+      apply_fn=apply_fn, params=params, tx=tx, mesa_decay=float(mesa_decay), **kwargs
+    )
+    return state.replace(mesa=mesa_init(_linen_variables(state.params, state.batch_stats)))
+
+  def apply_gradients(self, *, grads: PyTree, **kwargs: Any) -> MESATrainState:
+    """:meth:`TrainState.apply_gradients`, then one EMA step towards the new variables."""
+    new = super().apply_gradients(grads=grads, **kwargs)
+    variables = _linen_variables(new.params, new.batch_stats)
+    return new.replace(mesa=mesa_update(new.mesa, variables, decay=new.mesa_decay))
+
+  def teacher_logits(self, inputs: Any, **kwargs: Any) -> jax.Array:
+    """The teacher's output on ``inputs``: ``apply_fn(mesa.ema, inputs, train=False)``.
+
+    Eval mode (BatchNorm with the averaged running statistics, no dropout), as the official
+    code's EMA model; wrapped in ``stop_gradient``.
+
+    Args:
+      inputs: the model's input batch.
+      **kwargs: passed to ``apply_fn``.
+    """
+    return jax.lax.stop_gradient(self.apply_fn(self.mesa.ema, inputs, train=False, **kwargs))
+
+
+# The NNX variables the teacher averages: weights and BatchNorm statistics (not RNG counters).
+NNX_EMA_VARIABLES = (nnx.Param, nnx.BatchStat)
+
+
+def nnx_mesa_init(model: nnx.Module) -> MESAState:
+  """MESA's teacher for an NNX model: a copy of its ``Param`` and ``BatchStat`` variables.
+
+  Args:
+    model: the NNX model.
+
+  Returns:
+    A :class:`MESAState` whose ``ema`` is the pure state (plain arrays) of those variables.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> from xsam_jax import training
+    >>> model = nnx.Sequential(nnx.Linear(5, 8, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(8, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    >>> mesa = training.nnx_mesa_init(model)
+    >>> def loss_fn(model, x, labels, teacher):
+    ...   return training.mesa_loss(model(x), teacher, labels, weight=0.8)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, mesa, x, labels):
+    ...   teacher = training.nnx_teacher(model, mesa)(x)  # the extra forward pass, eval mode
+    ...   out = training.nnx_grad_fns(model, loss_fn, x, labels, teacher)
+    ...   optimizer.update(model, out.grads)
+    ...   return training.nnx_mesa_update(mesa, model, decay=0.9), out.loss
+    >>> x, labels = jnp.linspace(-1.0, 1.0, 20).reshape(4, 5), jnp.array([0, 1, 2, 0])
+    >>> losses = []
+    >>> for _ in range(3):
+    ...   mesa, loss = train_step(model, optimizer, mesa, x, labels)
+    ...   losses.append(float(loss))
+    >>> losses[0] > losses[1] > losses[2], int(mesa.count)  # it trains; the EMA moved
+    (True, 3)
+  """
+  return mesa_init(nnx.as_pure(nnx.state(model, NNX_EMA_VARIABLES)))
+
+
+def nnx_mesa_update(state: MESAState, model: nnx.Module, *, decay: float) -> MESAState:
+  r""":func:`mesa_update` towards the model's current ``Param``/``BatchStat`` variables.
+
+  Call it after ``optimizer.update`` (the official code moves the EMA after the step).
+
+  Args:
+    state: from :func:`nnx_mesa_init`.
+    model: the NNX model after the step.
+    decay: :math:`\beta` in [0, 1).
+
+  Raises:
+    ValueError: if a concrete ``decay`` is outside [0, 1).
+  """
+  return mesa_update(state, nnx.as_pure(nnx.state(model, NNX_EMA_VARIABLES)), decay=decay)
+
+
+def nnx_teacher(model: nnx.Module, state: MESAState) -> nnx.Module:
+  """An eval-mode copy of ``model`` at the teacher's variables (``model`` is not changed).
+
+  Its outputs carry no gradient to ``model`` (:func:`mesa_loss` stops it in any case).
+
+  Args:
+    model: the NNX model (its structure and non-averaged variables are used).
+    state: from :func:`nnx_mesa_init`/:func:`nnx_mesa_update`.
+
+  Returns:
+    A new module in eval mode (BatchNorm with the averaged statistics, no dropout).
+  """
+  graphdef, _, rest = nnx.split(model, NNX_EMA_VARIABLES, ...)
+  teacher = nnx.merge(graphdef, jax.lax.stop_gradient(state.ema), nnx.as_pure(rest))
+  teacher.eval()
+  return teacher

@@ -39,6 +39,8 @@ OPTIMIZERS = (
   "ae_sam_adamw",
   "looksam_adamw",
   "esam_adamw",
+  "mesa",
+  "mesa_adamw",
 )
 REFRESH_PATHS = ("auto", "cond", "static")
 LR_SCHEDULES = ("cosine", "cosine_epoch", "constant")
@@ -120,6 +122,18 @@ class TrainConfig:
   looksam_k: int = 5  # looksam: SAM's gradient every k steps (paper: 5)
   looksam_alpha: float = 0.7  # looksam: weight of the reused orthogonal part g_v (paper: 0.7)
   looksam_adaptive: bool = False  # looksam: ASAM's neighbourhood on refresh steps (eta, mask)
+  # MESA (optimizer mesa / mesa_adamw; Du et al. arXiv:2205.14083): loss = CE + mesa_weight *
+  # T^2 KL(softmax(f_ema / T) || softmax(f_w / T)), T = mesa_temperature, the teacher's weights
+  # an EMA (decay mesa_decay) of the trained ones. Defaults: the official code (AngusDujw/SAF,
+  # run.sh MESA command and MESA_train.py): --reinforce 0.8, --temperature 5, timm EMA decay
+  # 0.9998; its term is on when `epoch > kl_start_epoch = 5` (0-based), i.e. from 0-based epoch
+  # 6 = mesa_start_epoch (the EMA is updated from the first step). 0.9998 averages ~5000 steps:
+  # on a short run (the digits demo: 30 epochs of ~20 steps) the teacher stays near the initial
+  # weights, so tune mesa_decay there.
+  mesa_weight: float = 0.8
+  mesa_decay: float = 0.9998
+  mesa_temperature: float = 5.0
+  mesa_start_epoch: int = 6
   # Devices: "data=N,model=M" splits the batch over all N*M devices and large weights over the
   # M of `model` (experiments/sharding.py); "" is data=<all devices>, model=1. The result does
   # not depend on it, so a run may resume under another mesh or process count.
@@ -200,6 +214,10 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
   ("looksam_k", lambda x: x >= 1, ">= 1 (1: SAM on every step)"),
   ("looksam_alpha", lambda x: x >= 0, ">= 0 (0: SAM every looksam_k steps, g between)"),
   ("eig_examples", lambda x: x >= 0, ">= 0 (0: each step's minibatch)"),
+  ("mesa_weight", lambda x: x >= 0, ">= 0 (0: no KL term)"),
+  ("mesa_decay", lambda x: 0 <= x < 1, "in [0, 1)"),
+  ("mesa_temperature", lambda x: x > 0, "> 0"),
+  ("mesa_start_epoch", lambda x: x >= 0, ">= 0 (0: the KL term from the first step)"),
   ("seed", lambda x: x >= 0, ">= 0"),
   ("eval_every", lambda x: x >= 1, ">= 1"),
   ("checkpoint_every", lambda x: x >= 1, ">= 1"),
