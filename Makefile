@@ -114,7 +114,7 @@ study: $(STAMP)
 	$(BIN)/python -m experiments.analysis.study --root runs/study_digits --out experiments/figures/study_digits
 
 # The same protocol on Fashion-MNIST: SimpleCNN on 4,000 of the 60,000 training images, 3
-# epochs, clean and 40% label noise, tested on all 10,000 test images; 90 runs, about 98 min on
+# epochs, clean and 40% label noise, ρ grid {0.05, 0.1, 0.2}, tested on all 10,000 test images; 70 runs on
 # the 2-core CPU (experiments/RESULTS.md, "Fashion-MNIST study: design"). Needs the IDX files
 # (`make fashion-mnist`; another directory: add --set data_dir=DIR). Resumable.
 study-fashion: $(STAMP)
