@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_mlp as mlp
 import optax
 import pytest
 from helpers import make_step
@@ -463,3 +464,55 @@ def test_xsam_and_sometimes_sam_ascend_on_the_same_steps_for_the_same_policy(qua
 def test_bad_schedule_arguments_raise_a_value_error_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     xsam_jax.xsam(**kwargs)
+
+
+def test_accumulated_scheduled_xsam_ascends_on_whole_optimizer_steps_and_refreshes_per_ascent():
+  # accumulate(..., 2): 12 calls = 6 optimizer steps; k = 2 ascends on steps 0, 2, 4 (both
+  # micro-batches), refresh_on="ascent" with p = 2 refreshes on the first micro-batch of the
+  # 1st and 3rd ascent steps (steps 0 and 4): 2 refreshes of q = 3 HVPs.
+  counter = {"grad": 0, "hvp": 0}
+  a = jnp.array([4.0, 1.0, 0.5])
+  loss = lambda w, b: 0.5 * jnp.sum(a * (w - b) ** 2)
+  inner = xsam_jax.xsam(when="every", k=2, refresh_every=2, num_iters=3, refresh_on="ascent")
+  tx = xsam_jax.accumulate(inner, optax.sgd(0.1), 2)
+
+  @jax.jit
+  def step(w, s, b):
+    grad_fn = lambda u: jax.grad(loss)(u, b)
+    u, s = tx.update(
+      grad_fn(w),
+      s,
+      w,
+      grad_fn=_counting(grad_fn, counter, "grad"),
+      eig_grad_fn=_counting(grad_fn, counter, "hvp"),
+    )
+    return optax.apply_updates(w, u), s
+
+  w, state, ascended = jnp.ones(3), tx.init(jnp.ones(3)), []
+  for t in range(12):
+    w, state = step(w, state, 0.1 * t * jnp.ones(3))
+    ascended.append(bool(optax.tree.get(state, "ascended")))
+  jax.effects_barrier()
+  assert ascended == [True, True, False, False] * 3
+  assert counter == {"grad": 6, "hvp": 2 * 3}
+  assert step._cache_size() == 1
+
+
+def test_every_device_mapping_of_scheduled_xsam_agrees_on_the_step_and_averages():
+  # Ascent step (count 0): plain X-SAM's data-parallel output; skipped step (count 1, no
+  # refresh): the normalised mean clean gradient, identical on every device.
+  body = """
+for mode in ("vma", "pmap"):
+  plain, _ = run(xsam_jax.xsam(0.1, axis_name="data"), 0, mode)
+  for when, kw in (("every", {"k": 2}), ("adaptive", {"threshold": -10.0})):
+    out, st = run(xsam_jax.xsam(0.1, when=when, axis_name="data", **kw), 0, mode)
+    np.testing.assert_allclose(flat(out), flat(plain), rtol=1e-5, atol=1e-7)
+    assert bool(st.ascended)
+  for when, kw in (("every", {"k": 2}), ("adaptive", {"threshold": 10.0})):
+    out, st = run(xsam_jax.xsam(0.1, when=when, axis_name="data", **kw), 1, mode)
+    np.testing.assert_allclose(flat(out), clean / np.linalg.norm(clean), rtol=1e-5, atol=1e-7)
+    assert not bool(st.ascended)
+  print("OK", mode)
+"""
+  out = mlp.run_on_four_devices(body)
+  assert out.count("OK") == 2, out

@@ -364,6 +364,16 @@ def xsam(
     4.0
     >>> print(jnp.abs(optax.tree.get(state, "eigvec")).round(2))
     [1. 0.]
+    >>> # X-SAM on every 2nd step only, refreshing v on every 2nd of those (the cheap setting):
+    >>> tx = optax.chain(xsam_jax.xsam(when="every", k=2, refresh_every=2, refresh_on="ascent"),
+    ...                  optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                              grad_fn=jax.grad(loss))
+    ...   params = optax.apply_updates(params, updates)
+    >>> int(state[0].ascent_steps), float(state[0].ascent_fraction), bool(state[0].ascended)
+    (2, 0.5, False)
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is (normalised) SAM; 0.2 is the paper's.")
