@@ -22,6 +22,9 @@ METHODS = {
   "eigen_sam": lambda: xsam_jax.eigen_sam(rho=0.05, alpha=0.2, refresh_every=2),
   "xsam": lambda: xsam_jax.xsam(rho=0.05, alpha=0.2, refresh_every=2),
   "xsam_lanczos": lambda: xsam_jax.xsam(rho=0.05, refresh_every=2, num_iters=3, solver="lanczos"),
+  "xsam_adaptive": lambda: xsam_jax.xsam(
+    rho=0.05, refresh_every=2, when="adaptive", refresh_on="ascent"
+  ),
 }
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 DIAG = np.array([3.0, 1.0, 0.5, 2.0, 0.25])
@@ -69,7 +72,9 @@ def test_state_types_survive_update_inside_cond_and_scan(name, dtype):
     stepped = maybe_step(True, params, state)
     assert _signature(stepped) == _signature((params, state))
 
-    scalars = [x for x in jax.tree.leaves(state) if jnp.ndim(x) == 0 and x.dtype != jnp.int32]
+    # Counters are int32 and flags (X-SAM's `ascended`) bool; every other scalar is a float.
+    counters = (jnp.int32, jnp.bool_)
+    scalars = [x for x in jax.tree.leaves(state) if jnp.ndim(x) == 0 and x.dtype not in counters]
     want = jnp.float64 if dtype == "float64" else jnp.float32
     assert all(x.dtype == want for x in scalars), _signature(state)
 

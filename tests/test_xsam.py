@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_mlp as mlp
 import optax
 import pytest
 from helpers import make_step
@@ -329,3 +330,189 @@ def test_missing_grad_fn_and_bad_refresh_raise_value_error(quadratic):
     tx.update(grads, tx.init(params), grad_fn=jax.grad(quadratic.loss))
   with pytest.raises(ValueError, match="refresh"):
     tx.update(grads, tx.init(params), params, grad_fn=jax.grad(quadratic.loss), refresh=1)
+
+
+# X-SAM on a subset of steps (``when=``): the policies of sometimes_sam, issue 21 item 5.
+
+
+def _counting(fn, counter, name):
+  """``fn`` that adds one to ``counter[name]`` each time it runs (at run time, also in HVPs)."""
+
+  def bump():
+    counter[name] += 1
+
+  def wrapped(p):
+    jax.debug.callback(bump)
+    return fn(p)
+
+  return wrapped
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize(
+  ("refresh_on", "refresh_steps"), [("step", {0, 2, 4, 6}), ("ascent", {0, 6})]
+)
+def test_every_k_xsam_corrects_on_ascent_steps_and_hands_the_clean_gradient_between(
+  quadratic, normalize, refresh_on, refresh_steps
+):
+  # NumPy re-derivation of 7 SGD steps on the quadratic: k = 3 ascends at steps 0, 3, 6; the
+  # eigenvector (one power step per refresh, refresh_every = 2) is refreshed every 2nd step
+  # ("step") or every 2nd ascent step, i.e. at steps 0 and 6 ("ascent").
+  rho, alpha, lr, eps = 0.2, 0.5, 0.1, 1e-12
+  tx = xsam_jax.xsam(
+    rho,
+    alpha,
+    when="every",
+    k=3,
+    refresh_every=2,
+    num_iters=1,
+    normalize=normalize,
+    refresh_on=refresh_on,
+  )
+  grad_fn = jax.grad(quadratic.loss)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
+  params = quadratic.params
+  state = tx.init(params)
+  x, v = quadratic.flat(params).astype(np.float64), quadratic.flat(state.eigvec)
+  for t in range(7):
+    out, state = update(grad_fn(params), state, params)
+    if t in refresh_steps:
+      v = quadratic.hess @ v
+      v = v / np.linalg.norm(v)
+    g = quadratic.grad_np(x)
+    if t % 3 == 0:
+      expected = _np_xsam(quadratic, x, v, rho, alpha, normalize)
+    else:
+      expected = g / (np.linalg.norm(g) + eps) if normalize else g
+    assert bool(state.ascended) == (t % 3 == 0)
+    np.testing.assert_allclose(quadratic.flat(state.eigvec), v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(quadratic.flat(out), expected, rtol=1e-5, atol=1e-6)
+    params = jax.tree.map(lambda p, u: p - lr * u, params, out)
+    x = x - lr * expected
+  assert int(state.ascent_steps) == 3
+  np.testing.assert_allclose(state.ascent_fraction, 3 / 7, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "grads", "hvps"),
+  [
+    ({}, 7, 4 * 2),  # plain X-SAM: every step ascends; refreshes at 0, 2, 4, 6
+    ({"when": "every", "k": 3}, 3, 4 * 2),  # ascents at 0, 3, 6; refreshes as plain X-SAM
+    ({"when": "every", "k": 3, "refresh_on": "ascent"}, 3, 2 * 2),  # refreshes at 0, 6 only
+  ],
+)
+def test_skipped_steps_make_no_ascent_gradient_and_no_hvp(quadratic, kwargs, grads, hvps):
+  # Counted at run time: jax.debug.callback inside grad_fn (the ascent) and eig_grad_fn (every
+  # HVP of a refresh) runs only in the taken branch of lax.cond; one compiled program.
+  counter = {"grad": 0, "hvp": 0}
+  tx = xsam_jax.xsam(refresh_every=2, num_iters=2, **kwargs)
+  grad_fn = jax.grad(quadratic.loss)
+  update = jax.jit(
+    lambda g, s, p: tx.update(
+      g,
+      s,
+      p,
+      grad_fn=_counting(grad_fn, counter, "grad"),
+      eig_grad_fn=_counting(grad_fn, counter, "hvp"),
+    )
+  )
+  params = quadratic.params
+  state = tx.init(params)
+  for _ in range(7):
+    out, state = update(grad_fn(params), state, params)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, out)
+  jax.effects_barrier()
+  assert counter == {"grad": grads, "hvp": hvps}
+  assert int(state.ascent_steps) == grads
+  assert update._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+  "policy", [{"when": "random", "prob": 0.5, "key": 3}, {"when": "adaptive", "threshold": 0.5}]
+)
+def test_xsam_and_sometimes_sam_ascend_on_the_same_steps_for_the_same_policy(quadratic, policy):
+  # One copy of the policy code: fed the same clean gradients, both choose the same steps.
+  grad_fn = jax.grad(quadratic.loss)
+  params = quadratic.params
+  chosen = {}
+  for name, make in (("xsam", xsam_jax.xsam), ("sometimes_sam", xsam_jax.sometimes_sam)):
+    tx = make(rho=0.1, **policy)
+    update = jax.jit(lambda g, s, tx=tx: tx.update(g, s, params, grad_fn=grad_fn))
+    state, seen = tx.init(params), []
+    for t in range(12):
+      scale = 1.0 + 3.0 * float(np.sin(1.7 * t) > 0.3)  # gradient norms that jump about
+      grads = jax.tree.map(lambda g, scale=scale: scale * g, grad_fn(params))
+      _, state = update(grads, state)
+      seen.append(bool(state.ascended))
+    chosen[name] = seen
+  assert chosen["xsam"] == chosen["sometimes_sam"]
+  assert 0 < sum(chosen["xsam"]) < 12
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"when": "sometimes"}, "`when` must be one of"),
+    ({"k": 2}, "`k` is read only with when='every'"),
+    ({"when": "random", "k": 2}, "`k` is read only with when='every'"),
+    ({"when": "every", "k": 0}, "`k` must be a Python int >= 1"),
+    ({"when": "random", "prob": 1.5}, "`prob` must be"),
+    ({"when": "adaptive", "decay": 2.0}, "`decay` must be"),
+    ({"when": "every", "refresh_on": "never"}, "`refresh_on` must be one of"),
+  ],
+)
+def test_bad_schedule_arguments_raise_a_value_error_naming_them(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    xsam_jax.xsam(**kwargs)
+
+
+def test_accumulated_scheduled_xsam_ascends_on_whole_optimizer_steps_and_refreshes_per_ascent():
+  # accumulate(..., 2): 12 calls = 6 optimizer steps; k = 2 ascends on steps 0, 2, 4 (both
+  # micro-batches), refresh_on="ascent" with p = 2 refreshes on the first micro-batch of the
+  # 1st and 3rd ascent steps (steps 0 and 4): 2 refreshes of q = 3 HVPs.
+  counter = {"grad": 0, "hvp": 0}
+  a = jnp.array([4.0, 1.0, 0.5])
+  loss = lambda w, b: 0.5 * jnp.sum(a * (w - b) ** 2)
+  inner = xsam_jax.xsam(when="every", k=2, refresh_every=2, num_iters=3, refresh_on="ascent")
+  tx = xsam_jax.accumulate(inner, optax.sgd(0.1), 2)
+
+  @jax.jit
+  def step(w, s, b):
+    grad_fn = lambda u: jax.grad(loss)(u, b)
+    u, s = tx.update(
+      grad_fn(w),
+      s,
+      w,
+      grad_fn=_counting(grad_fn, counter, "grad"),
+      eig_grad_fn=_counting(grad_fn, counter, "hvp"),
+    )
+    return optax.apply_updates(w, u), s
+
+  w, state, ascended = jnp.ones(3), tx.init(jnp.ones(3)), []
+  for t in range(12):
+    w, state = step(w, state, 0.1 * t * jnp.ones(3))
+    ascended.append(bool(optax.tree.get(state, "ascended")))
+  jax.effects_barrier()
+  assert ascended == [True, True, False, False] * 3
+  assert counter == {"grad": 6, "hvp": 2 * 3}
+  assert step._cache_size() == 1
+
+
+def test_every_device_mapping_of_scheduled_xsam_agrees_on_the_step_and_averages():
+  # Ascent step (count 0): plain X-SAM's data-parallel output; skipped step (count 1, no
+  # refresh): the normalised mean clean gradient, identical on every device.
+  body = """
+for mode in ("vma", "pmap"):
+  plain, _ = run(xsam_jax.xsam(0.1, axis_name="data"), 0, mode)
+  for when, kw in (("every", {"k": 2}), ("adaptive", {"threshold": -10.0})):
+    out, st = run(xsam_jax.xsam(0.1, when=when, axis_name="data", **kw), 0, mode)
+    np.testing.assert_allclose(flat(out), flat(plain), rtol=1e-5, atol=1e-7)
+    assert bool(st.ascended)
+  for when, kw in (("every", {"k": 2}), ("adaptive", {"threshold": 10.0})):
+    out, st = run(xsam_jax.xsam(0.1, when=when, axis_name="data", **kw), 1, mode)
+    np.testing.assert_allclose(flat(out), clean / np.linalg.norm(clean), rtol=1e-5, atol=1e-7)
+    assert not bool(st.ascended)
+  print("OK", mode)
+"""
+  out = mlp.run_on_four_devices(body)
+  assert out.count("OK") == 2, out

@@ -240,6 +240,7 @@ def maybe_refresh(
   base_grad: PyTree | None = None,
   check_base_grad: bool = False,
   key: Any = 0,
+  due: Array | None = None,
 ) -> Refreshed:
   """Refreshes ``state.eigval`` and ``state.eigvec`` when ``state.count`` says it is due.
 
@@ -257,6 +258,8 @@ def maybe_refresh(
   host-side decision; the refresh is then straight-line HVPs with no control flow around them.
   ``hvp_method`` and ``base_grad`` as in :func:`_power_refresh`; a base gradient that is not
   given is computed inside the refresh branch, so steps without a refresh do not pay for it.
+  ``due``: a traced bool that replaces the count test when ``refresh`` is None (X-SAM's
+  ``refresh_on="ascent"``).
   """
 
   old = Refreshed(state.eigval, state.eigvec, state.skipped_refreshes, state.base_grad_mismatch)
@@ -285,8 +288,10 @@ def maybe_refresh(
     return Refreshed(eigval, eigvec, skipped, mismatch)
 
   if refresh is None:
+    if due is None:
+      due = state.count % (refresh_every * accumulation_steps) == 0
     return jax.lax.cond(
-      state.count % (refresh_every * accumulation_steps) == 0,
+      due,
       lambda: run(False),
       lambda: old,
     )

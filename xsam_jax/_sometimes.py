@@ -20,8 +20,6 @@ from xsam_jax._parallel import check_clean_gradient, device_mean, place_state
 from xsam_jax._perturbation import (
   DEFAULT_EPS,
   ScalarOrSchedule,
-  as_key,
-  check_positive_int,
   check_range,
   check_update_args,
   keep_dtypes,
@@ -29,18 +27,10 @@ from xsam_jax._perturbation import (
   scalar_dtype,
   tree_norm,
 )
+from xsam_jax._policy import decide, policy_args
 from xsam_jax._sam import cast_ascent, sam_ascent, skipped_ascent
 
 PyTree = Any
-
-POLICIES = ("every", "random", "adaptive")
-# The arguments that only one policy reads, with the value used when they are not given.
-_POLICY_ARGS = {
-  "k": ("every", 2),
-  "prob": ("random", 0.5),
-  "decay": ("adaptive", 0.9),
-  "threshold": ("adaptive", 0.0),
-}
 
 
 class SometimesSAMState(NamedTuple):
@@ -88,24 +78,6 @@ class SometimesSAMState(NamedTuple):
   ascent_fraction: chex.Array
   sq_norm_mean: chex.Array
   sq_norm_var: chex.Array
-
-
-def _policy_args(when: Any, given: dict[str, Any]) -> dict[str, Any]:
-  """The policy's own arguments (defaults filled in); refuses another policy's arguments."""
-  if when not in POLICIES:
-    raise ValueError(
-      f"xsam_jax.sometimes_sam: `when` must be one of {POLICIES} (every k-th step, at random "
-      f"with probability `prob`, or AE-SAM's adaptive rule), got {when!r}."
-    )
-  values = {}
-  for name, (policy, default) in _POLICY_ARGS.items():
-    if given[name] is not None and policy != when:
-      raise ValueError(
-        f"xsam_jax.sometimes_sam: `{name}` is read only with when={policy!r}, but "
-        f"when={when!r}. Drop `{name}` or pass when={policy!r}."
-      )
-    values[name] = default if given[name] is None else given[name]
-  return values
 
 
 @record_arguments
@@ -224,17 +196,13 @@ def sometimes_sam(
     >>> int(state[0].ascent_steps), float(state[0].ascent_fraction), bool(state[0].ascended)
     (2, 0.5, False)
   """
-  args = _policy_args(when, {"k": k, "prob": prob, "decay": decay, "threshold": threshold})
+  method = "xsam_jax.sometimes_sam"
+  args = policy_args(
+    method, when, {"k": k, "prob": prob, "decay": decay, "threshold": threshold}, key
+  )
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("eta", eta, 0.0)
-  check_positive_int("k", args["k"], traced_ok=True)
-  check_range("prob", args["prob"], 0.0, 1.0, hint="It is the probability of an ascent step.")
-  check_range("decay", args["decay"], 0.0, 1.0, hint="AE-SAM's moving-average factor.")
-  check_range("threshold", args["threshold"], -float("inf"))
-  if when == "random":
-    as_key(key, "xsam_jax.sometimes_sam")
   check_accumulation_steps(accumulation_steps)
-  method = "xsam_jax.sometimes_sam"
 
   def init_fn(params: PyTree) -> SometimesSAMState:
     # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
@@ -253,23 +221,6 @@ def sometimes_sam(
     )
     return place_state(state, params)
 
-  def decide(state, sq_norm, step, dtype):
-    """``(a_t, mu_t, sigma2_t)`` for the chosen policy."""
-    mean, var = state.sq_norm_mean, state.sq_norm_var
-    if when == "every":
-      return step % args["k"] == 0, mean, var
-    if when == "random":
-      p = read_hyperparam(args["prob"], step, dtype)
-      draw = jax.random.fold_in(as_key(key, method), step)
-      return jax.random.bernoulli(draw, p), mean, var
-    d = jnp.asarray(args["decay"], dtype)
-    finite = jnp.isfinite(sq_norm)
-    new_mean = d * mean + (1 - d) * sq_norm
-    new_var = d * var + (1 - d) * jnp.square(sq_norm - new_mean)
-    c = read_hyperparam(args["threshold"], step, dtype)
-    due = finite & (sq_norm >= new_mean + c * jnp.sqrt(new_var))
-    return due, jnp.where(finite, new_mean, mean), jnp.where(finite, new_var, var)
-
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
     check_update_args(method, params, grad_fn)
@@ -280,7 +231,17 @@ def sometimes_sam(
     sq_norm = jnp.zeros((), dtype)
     if when == "adaptive":
       sq_norm = device_mean(jnp.square(local_norm), axis_name, what="the gradient norm")
-    due, mean, var = decide(state, sq_norm.astype(dtype), step, dtype)
+    due, mean, var = decide(
+      when,
+      args,
+      key,
+      method,
+      state.sq_norm_mean,
+      state.sq_norm_var,
+      sq_norm.astype(dtype),
+      step,
+      dtype,
+    )
 
     def ascend():
       return sam_ascent(

@@ -30,20 +30,22 @@ from xsam_jax._perturbation import (
   check_range,
   check_update_args,
   keep_dtypes,
-  normalize,
   perturbed_gradient,
   read_hyperparam,
   resolve_alias,
   scalar_dtype,
-  tree_cast_like,
   tree_norm,
   tree_to_f32,
   tree_vdot,
 )
-from xsam_jax._sam import sam_perturbation
+from xsam_jax._perturbation import normalize as normalize_tree
+from xsam_jax._policy import decide, policy_args
+from xsam_jax._sam import Ascent, cast_ascent, sam_perturbation, skipped_ascent
 
 PyTree = Any
 Correction = Literal["projection", "official"]
+RefreshOn = Literal["step", "ascent"]
+REFRESH_ON = ("step", "ascent")
 Solver = Literal["power", "lanczos", "random"]
 CORRECTIONS = ("projection", "official")
 
@@ -54,7 +56,7 @@ class XSAMState(NamedTuple):
   Attributes:
     count: number of ``update`` calls so far (int32 scalar), micro-batches included; the
       eigenvector is refreshed when ``count % (refresh_every * accumulation_steps) == 0``
-      (step 0 included).
+      (step 0 included; with ``refresh_on="ascent"`` see :func:`xsam`).
     eigvec: unit estimate of the top Hessian eigenvector, shaped like params (float32; float64
       for float64 params). Exactly unit length after every refresh.
     eigval: at the last refresh, the Rayleigh quotient :math:`\langle v, Hv\rangle` of the
@@ -93,6 +95,16 @@ class XSAMState(NamedTuple):
       ``grad_fn(params)`` (clipped, accumulated, reduced over devices...) and every
       finite-difference HVP is off by the mismatch divided by :math:`h`: pass
       ``eig_grad_fn=grad_fn`` or use ``hvp_method="exact"``.
+    ascended: bool scalar, whether the last step made the ascent and the correction (always
+      True without ``when``).
+    ascent_steps: number of ``update`` calls that ascended (int32 scalar; ``count`` without
+      ``when``).
+    ascent_fraction: running fraction of ascent steps, ``ascent_steps / count``: a step costs on
+      average ``1 + ascent_fraction`` gradient evaluations plus the refreshes' HVPs.
+    sq_norm_mean: ``when="adaptive"``: AE-SAM's moving mean :math:`\mu_t` of :math:`\|g_t\|^2`
+      (0 otherwise).
+    sq_norm_var: ``when="adaptive"``: AE-SAM's moving variance :math:`\sigma^2_t` of
+      :math:`\|g_t\|^2` (0 otherwise).
     settings: the :class:`~xsam_jax._eigvec.EigvecSettings` (``solver``, ``num_iters``,
       ``hvp_method``, ``eps``, ``seed``) of the transform whose ``init`` made this state
       (``update`` carries them over unchanged), which :func:`~xsam_jax.refresh_eigenvector`
@@ -113,6 +125,11 @@ class XSAMState(NamedTuple):
   ascent_curvature: chex.Array
   skipped_refreshes: chex.Array
   base_grad_mismatch: chex.Array
+  ascended: chex.Array
+  ascent_steps: chex.Array
+  ascent_fraction: chex.Array
+  sq_norm_mean: chex.Array
+  sq_norm_var: chex.Array
   settings: EigvecSettings
 
 
@@ -132,7 +149,7 @@ def xsam_correction(
   ``normalize_grad`` else :math:`g_{adv}`. Returns ``(corrected, cos, ||g_adv||)`` where
   ``cos`` :math:`= \langle \hat g_{adv}, v\rangle` before correction.
   """
-  unit, adv_norm = normalize(adv_grads, eps)
+  unit, adv_norm = normalize_tree(adv_grads, eps)
   cos = tree_vdot(unit, eigvec)
   base = unit if normalize_grad else tree_to_f32(adv_grads)
   coef = cos if normalize_grad else tree_vdot(base, eigvec)
@@ -160,6 +177,12 @@ def xsam(
   power_iters: int | None = None,
   seed: int | None = None,
   tracker: str | None = None,
+  when: str | None = None,
+  k: int | None = None,
+  prob: ScalarOrSchedule | None = None,
+  decay: float | None = None,
+  threshold: ScalarOrSchedule | None = None,
+  refresh_on: RefreshOn = "step",
 ) -> optax.GradientTransformationExtraArgs:
   r"""X-SAM: SAM with the perturbed gradient corrected along the top Hessian eigenvector.
 
@@ -208,6 +231,35 @@ def xsam(
   only with float32-or-wider parameters *and* loss computation.
   ``alpha = 0`` with
   ``normalize=False`` is exactly SAM; ``alpha = 0`` with ``normalize=True`` is normalised SAM.
+
+  X-SAM on a subset of steps (``when``): the ascent and the correction run only on the steps
+  that :func:`~xsam_jax.sometimes_sam`'s policies choose (``when="every"`` with ``k``,
+  ``"random"`` with ``prob`` and ``key``, ``"adaptive"`` with ``decay`` and ``threshold``; the
+  same code, :mod:`xsam_jax._policy`, so ``xsam`` and ``sometimes_sam`` with equal arguments
+  ascend on the same steps), and the other steps hand on the clean gradient, normalised like
+  the ascent steps' output: :math:`\hat g = g/(\|g\|+\mathrm{eps})` with ``normalize=True``
+  (the base optimizer's learning rate keeps one meaning, a step length), :math:`g` with
+  ``normalize=False``. A skipped step makes no ``grad_fn`` call beyond the clean gradient the
+  caller already has (one ``lax.cond``, one compiled program; counted at run time in
+  ``tests/test_xsam.py``). The refresh schedule, ``refresh_on``:
+
+  * ``"step"`` (default): as without ``when``, every ``refresh_every``-th optimizer step, ascent
+    or not (the cached vector is as old, in steps, as plain X-SAM's; a refresh on a skipped
+    step still costs its ``num_iters`` HVPs). With ``when="every"``, choose ``refresh_every`` a
+    multiple of ``k`` so that refreshes fall on ascent steps.
+  * ``"ascent"`` (the cheap setting): on every ``refresh_every``-th ascent step (the ascent
+    steps whose number of earlier ascended ``update`` calls is a multiple of
+    ``refresh_every * accumulation_steps``); skipped steps never refresh. A step then costs on
+    average :math:`1 + f` gradients and :math:`f\,q/p` HVPs, with :math:`f` the ascent
+    fraction (:math:`1/k` for ``when="every"``), and the vector is about :math:`p/f` steps old
+    when used.
+
+  ``when=None`` (default) is X-SAM on every step, the program of the transform without these
+  arguments. ``ascent_fraction`` in the state is the running fraction of ascent steps.
+  Why arguments of ``xsam`` and not a wrapper ``sometimes(xsam(...))``: a wrapper would not
+  know the scale of X-SAM's output (unit norm with ``normalize=True``) for the skipped steps,
+  and by not calling the inner ``update`` on skipped steps it would freeze its ``count``, so
+  ``rho``/``alpha`` schedules and the refresh period would silently count ascent steps only.
 
   Data parallel (``axis_name``) and gradient accumulation (``accumulation_steps``) work as in
   :func:`~xsam_jax.sam`: the correction is applied per micro-batch to the device-averaged
@@ -262,6 +314,19 @@ def xsam(
     power_iters: deprecated alias of ``num_iters`` (one release; warns).
     seed: deprecated alias of ``key`` (one release; warns).
     tracker: deprecated alias of ``solver`` (one release; warns).
+    when: None (every step ascends), ``"every"``, ``"random"`` or ``"adaptive"``: the steps
+      that make the ascent and the correction (above; the policies of
+      :func:`~xsam_jax.sometimes_sam`). ``"random"`` draws from ``key`` folded with the
+      optimizer step, as :func:`~xsam_jax.sometimes_sam` does.
+    k: ``when="every"`` only: ascend every ``k``-th optimizer step, a Python int >= 1
+      (default 2).
+    prob: ``when="random"`` only: the probability :math:`p_t \in [0, 1]` of an ascent, a
+      float or a schedule (default 0.5).
+    decay: ``when="adaptive"`` only: AE-SAM's moving-average factor in [0, 1] (default 0.9).
+    threshold: ``when="adaptive"`` only: AE-SAM's :math:`c_t`, a float or a schedule
+      (default 0).
+    refresh_on: ``"step"`` (every ``refresh_every``-th optimizer step) or ``"ascent"`` (every
+      ``refresh_every``-th ascent step; the same as ``"step"`` when ``when`` is None).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -274,7 +339,10 @@ def xsam(
       ``solver="random"``), an unknown ``correction``, ``solver`` or ``hvp_method``, a
       ``key`` that is neither a PRNG key nor an int, a deprecated name given with its new one,
       when ``params`` or ``grad_fn`` is missing or ``grad_fn`` cannot be called as
-      ``grad_fn(params)``, and for data-parallel misuse (see :func:`~xsam_jax.sam`).
+      ``grad_fn(params)``, and for data-parallel misuse (see :func:`~xsam_jax.sam`); an
+      unknown ``when`` or ``refresh_on``, a policy argument (``k``, ``prob``, ``decay``,
+      ``threshold``) of another policy or without ``when``, and the policy arguments'
+      ranges as in :func:`~xsam_jax.sometimes_sam`.
 
   References:
     Duan, Chen & Guan, "X-SAM: Boosting Sharpness-Aware Minimization with Dominant-Eigenvector
@@ -296,6 +364,16 @@ def xsam(
     4.0
     >>> print(jnp.abs(optax.tree.get(state, "eigvec")).round(2))
     [1. 0.]
+    >>> # X-SAM on every 2nd step only, refreshing v on every 2nd of those (the cheap setting):
+    >>> tx = optax.chain(xsam_jax.xsam(when="every", k=2, refresh_every=2, refresh_on="ascent"),
+    ...                  optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                              grad_fn=jax.grad(loss))
+    ...   params = optax.apply_updates(params, updates)
+    >>> int(state[0].ascent_steps), float(state[0].ascent_fraction), bool(state[0].ascended)
+    (2, 0.5, False)
   """
   check_range("rho", rho, 0.0, hint="Use rho=0 to recover the base optimizer.")
   check_range("alpha", alpha, 0.0, 2.0, hint="alpha=0 is (normalised) SAM; 0.2 is the paper's.")
@@ -314,6 +392,19 @@ def xsam(
     raise ValueError(
       f"`correction` must be one of {CORRECTIONS}, got {correction!r}. 'projection' is the "
       "sign-invariant default; 'official' reproduces the authors' code."
+    )
+  policy = policy_args(
+    "xsam_jax.xsam",
+    when,
+    {"k": k, "prob": prob, "decay": decay, "threshold": threshold},
+    key,
+    optional=True,
+  )
+  if refresh_on not in REFRESH_ON:
+    raise ValueError(
+      f"xsam_jax.xsam: `refresh_on` must be one of {REFRESH_ON}, got {refresh_on!r}. 'step' "
+      "refreshes every refresh_every-th optimizer step; 'ascent' every refresh_every-th "
+      "ascent step (with `when`, the cheap setting)."
     )
   if not isinstance(normalize, bool):
     raise ValueError(
@@ -335,6 +426,11 @@ def xsam(
       ascent_curvature=jnp.zeros((), dtype),
       skipped_refreshes=jnp.zeros((), jnp.int32),
       base_grad_mismatch=jnp.zeros((), dtype),
+      ascended=jnp.zeros((), bool),
+      ascent_steps=jnp.zeros((), jnp.int32),
+      ascent_fraction=jnp.zeros((), dtype),
+      sq_norm_mean=jnp.zeros((), dtype),
+      sq_norm_var=jnp.zeros((), dtype),
       settings=settings,
     )
     return place_state(state, params, state.eigvec)
@@ -350,6 +446,18 @@ def xsam(
     check_clean_gradient(updates, "xsam_jax.xsam", axis_name)
     dtype = scalar_dtype(params)
     step = state.count // accumulation_steps
+    mean, var = state.sq_norm_mean, state.sq_norm_var
+    due, refresh_due = True, None
+    if policy is not None:
+      sq_norm = jnp.zeros((), dtype)
+      if when == "adaptive":
+        sq_norm = device_mean(jnp.square(tree_norm(updates)), axis_name, what="the gradient norm")
+      due, mean, var = decide(
+        when, policy, key, "xsam_jax.xsam", mean, var, sq_norm.astype(dtype), step, dtype
+      )
+      if refresh_on == "ascent":
+        period = refresh_every * accumulation_steps
+        refresh_due = due & (state.ascent_steps % period == 0)
     refreshed = maybe_refresh(
       state,
       params=params,
@@ -366,44 +474,69 @@ def xsam(
       base_grad=updates if eig_grad_fn is None else None,
       check_base_grad=check_base_grad,
       key=key,
+      due=refresh_due,
     )
     eigval, eigvec = refreshed.eigval, refreshed.eigvec
-    perturbation, grad_norm = sam_perturbation(
-      updates,
-      params,
-      read_hyperparam(rho, step, dtype),
-      adaptive=False,
-      eta=0.0,
-      adaptive_mask=None,
-      eps=eps,
-    )
-    adv_grads, curvature = perturbed_gradient(
-      grad_fn, params, perturbation, axis_name, updates, eps
-    )
-    corrected, cos, adv_norm = xsam_correction(
-      adv_grads,
-      eigvec,
-      read_hyperparam(alpha, step, dtype),
-      normalize_grad=normalize,
-      correction=correction,
-      eps=eps,
-    )
-    grad_norm, perturbation_norm = device_mean(
-      (grad_norm, tree_norm(perturbation)), axis_name, what="the gradient norm"
-    )
+
+    def ascend():
+      perturbation, grad_norm = sam_perturbation(
+        updates,
+        params,
+        read_hyperparam(rho, step, dtype),
+        adaptive=False,
+        eta=0.0,
+        adaptive_mask=None,
+        eps=eps,
+      )
+      adv_grads, curvature = perturbed_gradient(
+        grad_fn, params, perturbation, axis_name, updates, eps
+      )
+      corrected, cos, adv_norm = xsam_correction(
+        adv_grads,
+        eigvec,
+        read_hyperparam(alpha, step, dtype),
+        normalize_grad=normalize,
+        correction=correction,
+        eps=eps,
+      )
+      grad_norm, perturbation_norm = device_mean(
+        (grad_norm, tree_norm(perturbation)), axis_name, what="the gradient norm"
+      )
+      out = cast_ascent(
+        Ascent(corrected, grad_norm, perturbation_norm, adv_norm, curvature), params, dtype
+      )
+      return out, jnp.asarray(cos).astype(dtype)
+
+    def skip():
+      clean = device_mean(updates, axis_name)
+      clean = normalize_tree(clean, eps)[0] if normalize else clean
+      return cast_ascent(skipped_ascent(clean, updates, state, axis_name), params, dtype), state.cos
+
+    if policy is None:
+      ascent, cos = ascend()
+    else:
+      ascent, cos = jax.lax.cond(due, ascend, skip)
+    due = jnp.asarray(due)
+    count = optax.safe_increment(state.count)
+    ascent_steps = state.ascent_steps + due.astype(state.ascent_steps.dtype)
     new_state = XSAMState(
-      count=optax.safe_increment(state.count),
+      count=count,
       eigvec=eigvec,
       eigval=eigval,
       cos=cos,
-      grad_norm=grad_norm,
-      perturbation_norm=perturbation_norm,
-      adv_grad_norm=adv_norm,
-      ascent_curvature=curvature,
+      grad_norm=ascent.grad_norm,
+      perturbation_norm=ascent.perturbation_norm,
+      adv_grad_norm=ascent.adv_grad_norm,
+      ascent_curvature=ascent.ascent_curvature,
       skipped_refreshes=refreshed.skipped_refreshes,
       base_grad_mismatch=refreshed.base_grad_mismatch,
+      ascended=due,
+      ascent_steps=ascent_steps,
+      ascent_fraction=ascent_steps.astype(dtype) / jnp.maximum(count, 1).astype(dtype),
+      sq_norm_mean=mean,
+      sq_norm_var=var,
       settings=state.settings,  # from init: the state keeps its structure
     )
-    return tree_cast_like(corrected, params), keep_dtypes(new_state, state)
+    return ascent.grads, keep_dtypes(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
