@@ -177,3 +177,13 @@ def test_the_variant_cost_benchmark_counts_the_evaluations_that_really_run(varia
   assert counted["grads_per_step"] == sum(grads) / 10 and counted["hvps_per_step"] == sum(hvps) / 10
   if variant == "every5":
     assert counted["ascent_steps"] == 2  # the state's own count agrees
+
+
+def test_registering_a_variant_twice_or_with_an_unknown_extra_argument_raises():
+  from benchmarks import variant_cost
+
+  with pytest.raises(ValueError, match="'sam' is already registered"):
+    variant_cost.register("sam", "again", None)
+  with pytest.raises(ValueError, match="`extra` may hold"):
+    variant_cost.register("new_variant", "new", None, extra=("hvp_fn",))
+  assert "new_variant" not in variant_cost.VARIANTS
