@@ -481,7 +481,15 @@ def render_markdown(
     "at its end) and repeats it until it lasts ≥ 0.2 s. The last column lists the counted "
     "gradient evaluations of each step of the window (`+5h`: five HVPs in that step).",
   ]
-  return report.section(NAME, "Variant cost: cheaper SAM variants against SGD and SAM", meta, lines)
+  models = ", ".join(r["model"] for r in results)
+  title = f"Variant cost: cheaper SAM variants against SGD and SAM ({models})"
+  return report.section(section_name(args.models), title, meta, lines)
+
+
+def section_name(models: Sequence[str]) -> str:
+  """The results-file section of a run on ``models``: one per set of models, so that runs on
+  different models (a quick MLP run, a long one on a CNN) keep each other's sections."""
+  return f"{NAME}:{'+'.join(models)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   run = report.Run(NAME, argv)
   results = [benchmark_model(name, args, run.log) for name in args.models]
   meta = run.meta()
-  report.write_section(args.out, render_markdown(results, meta, args), NAME, first=False)
+  text = render_markdown(results, meta, args)
+  report.write_section(args.out, text, section_name(args.models), first=False)
   if args.json:
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
   run.log(f"wrote {args.out}")
