@@ -82,8 +82,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.step_cost
 
 # Cost per step of the cheaper-SAM variants (sometimes_sam, looksam, Eigen-SAM, X-SAM) against
-# SGD and SAM, gradient evaluations counted; writes its section of benchmarks/RESULTS.md. On the
-# 2-core CPU about 15 min (gradients inside lax.cond are slow on XLA:CPU; ResNet-18 is for a GPU).
+# SGD and SAM, gradient evaluations counted; writes its section of benchmarks/RESULTS.md. Meant
+# for a GPU or a quiet machine: on XLA:CPU a gradient inside lax.cond is ~20x slower, and the
+# Eigen-SAM/X-SAM windows alone take many minutes on the 2-core CPU (ResNet-18: hours).
 variant-bench: $(STAMP)
 	$(BIN)/python -m benchmarks.variant_cost --models mlp,simple_cnn --batch 32
 
