@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Reuse XLA compilations across processes and runs (the CPU demo and tests compile a lot).
 export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(VENV))/xla-cache
 
-.PHONY: setup fashion-mnist test test-floors test-multiprocess demo lint format bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study study-fashion study-gpu ablation ablation-fashion start transformer clean
+.PHONY: setup fashion-mnist test test-floors test-multiprocess demo lint format bench variant-bench tracker tracking tracking-resnet18 gpu-bench angles lambda-trace sweep study study-fashion study-gpu ablation ablation-fashion start transformer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.step_cost
+
+# Cost per step of the cheaper-SAM variants (sometimes_sam, looksam, Eigen-SAM, X-SAM) against
+# SGD and SAM, gradient evaluations counted; writes its section of benchmarks/RESULTS.md. Meant
+# for a GPU or a quiet machine: on XLA:CPU a gradient inside lax.cond is ~20x slower, and the
+# Eigen-SAM/X-SAM windows alone take many minutes on the 2-core CPU (ResNet-18: hours).
+variant-bench: $(STAMP)
+	$(BIN)/python -m benchmarks.variant_cost --models mlp,simple_cnn --batch 32
 
 tracker: $(STAMP)
 	$(BIN)/python -m benchmarks.tracker --out benchmarks/RESULTS.md

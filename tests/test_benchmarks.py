@@ -153,3 +153,37 @@ def test_the_tracker_benchmark_without_timing_reports_hvp_counts_and_no_times():
   assert "Amortised" not in text and "Times not measured (`--no-timing`)" in text
   begin, end = report.markers("benchmarks.tracker")
   assert text.startswith(begin) and end in text
+
+
+@pytest.mark.parametrize(
+  ("variant", "grads", "hvps"),
+  [
+    # SAM every 5 steps: the ascent on steps 0 and 5 only, 1 + 1/5 gradients per step.
+    ("every5", [2, 1, 1, 1, 1, 2, 1, 1, 1, 1], [0] * 10),
+    # X-SAM, p = q = 5: two gradients every step, a refresh of 5 HVPs on steps 0 and 5.
+    ("xsam", [2] * 10, [5, 0, 0, 0, 0, 5, 0, 0, 0, 0]),
+  ],
+)
+def test_the_variant_cost_benchmark_counts_the_evaluations_that_really_run(variant, grads, hvps):
+  from benchmarks import _problems, variant_cost
+
+  problem = _problems.make_problem("mlp", batch=2)
+  method = variant_cost.VARIANTS[variant]
+  state = _problems.create_state(problem, variant_cost.make_tx(method))
+  counted = variant_cost.count_window(method, problem, state, steps=10)
+  assert [g for _, g, _ in counted["per_step"]] == grads
+  assert [h for _, _, h in counted["per_step"]] == hvps
+  assert [c for c, _, _ in counted["per_step"]] == [1] * 10  # one clean gradient per step
+  assert counted["grads_per_step"] == sum(grads) / 10 and counted["hvps_per_step"] == sum(hvps) / 10
+  if variant == "every5":
+    assert counted["ascent_steps"] == 2  # the state's own count agrees
+
+
+def test_registering_a_variant_twice_or_with_an_unknown_extra_argument_raises():
+  from benchmarks import variant_cost
+
+  with pytest.raises(ValueError, match="'sam' is already registered"):
+    variant_cost.register("sam", "again", None)
+  with pytest.raises(ValueError, match="`extra` may hold"):
+    variant_cost.register("new_variant", "new", None, extra=("hvp_fn",))
+  assert "new_variant" not in variant_cost.VARIANTS
