@@ -778,9 +778,9 @@ def report(
       )
   lines += ["", "### Does lower final λ_max go with higher test accuracy? (test runs)", ""]
   lines += [
-    "SGD ends far sharper and worse than every SAM-type method under label noise, so the "
-    "correlation over all runs mostly contrasts SGD with the rest; the last columns leave SGD "
-    "out. p: the two-sided test of no correlation (not adjusted).",
+    "SGD usually ends far sharper than every SAM-type method, so the correlation over all runs "
+    "can mostly contrast SGD with the rest; the last columns leave SGD out. p: the two-sided "
+    "test of no correlation (not adjusted).",
     "",
     "| regime | Spearman(λ_max, acc), all runs | p | runs | without SGD | p | runs |",
     "|---|---|---|---|---|---|---|",
