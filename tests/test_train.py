@@ -338,7 +338,8 @@ def test_float64_compute_holds_params_state_and_loss_in_float64_from_the_float32
     config = _config("xsam", "compute_dtype=float64")
     state = train_lib.create_state(config, dataset, build_optimizer(config, 11))
     dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))}
-    assert dtypes == {np.dtype("float64"), np.dtype("int32")}
+    # No float32 anywhere; the counters are int32 and XSAMState.ascended is a bool flag.
+    assert dtypes == {np.dtype("float64"), np.dtype("int32"), np.dtype("bool")}
     # The same initial values as a float32 run, held in float64.
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params32), strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float64))
