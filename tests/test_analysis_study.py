@@ -102,6 +102,29 @@ def test_comparisons_adjust_within_each_family_and_give_equal_compute_no_verdict
   assert compute["mean"] == pytest.approx(np.mean([0.14, 0.12, 0.17, 0.14, 0.13]))
 
 
+def test_cheaper_variants_are_compared_with_sam_and_sgd_in_their_own_holm_family():
+  rows = [
+    *_rows("test", "noise40", "sgd", [0.70, 0.71, 0.72, 0.69, 0.70]),
+    *_rows("test", "noise40", "sam", [0.90, 0.91, 0.93, 0.92, 0.90]),
+    *_rows("test", "noise40", "xsam", [0.91, 0.90, 0.93, 0.93, 0.90]),
+    *_rows("test", "noise40", "looksam", [0.89, 0.92, 0.92, 0.91, 0.90]),
+    *_rows("test", "noise40", "rst", [0.85, 0.86, 0.88, 0.86, 0.84]),
+  ]
+  found = study.comparisons(rows, ["noise40"])
+  family = [c for c in found if c["family"] == "Cheaper SAM variants against SAM and SGD"]
+  assert [(c["a"], c["b"]) for c in family] == [
+    ("rst", "sam"),
+    ("rst", "sgd"),
+    ("looksam", "sam"),
+    ("looksam", "sgd"),
+  ]
+  assert [c["p_holm"] for c in family] == pytest.approx(study.holm([c["p"] for c in family]))
+  assert family[0]["mean"] == pytest.approx(np.mean([-0.05, -0.05, -0.05, -0.06, -0.06]))
+  # The variants' family does not change the Holm p-values of the X-SAM family.
+  xsam = [c for c in found if c["family"] == "X-SAM against SAM and Eigen-SAM"]
+  assert [c["p_holm"] for c in xsam] == pytest.approx([c["p"] for c in xsam])
+
+
 def test_the_saved_study_report_renders_again_from_its_json_with_holm_verdicts(tmp_path):
   # The committed study (150 runs) is re-rendered from its per-run numbers, training nothing.
   out = tmp_path / "study"
