@@ -142,8 +142,8 @@ ablation: $(STAMP)
 	$(BIN)/python -m experiments.analysis.ablation --dataset digits --root runs/ablation_digits --out experiments/figures/ablation_digits
 
 # The same on Fashion-MNIST, from the Fashion-MNIST study's JSON (make study-fashion first).
-# Arm (c) at q = 10 over 256 fixed images (not 20 over 2,048) to fit the 2-core CPU: about
-# 5 minutes a run alone instead of an hour (experiments/RESULTS.md).
+# Arm (c) at q = 10 over 256 fixed images (not 20 over 2,048) to fit the 2-core CPU: 236-785 s
+# a run measured here; the full setting does 16x the HVP work per refresh (experiments/RESULTS.md).
 ablation-fashion: $(STAMP)
 	$(BIN)/python -m experiments.analysis.ablation --dataset fashion_mnist --study experiments/figures/study_fashion.json --eig_iters 10 --eig_examples 256 --root runs/ablation_fashion --out experiments/figures/ablation_fashion
 
