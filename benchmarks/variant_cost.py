@@ -92,6 +92,10 @@ class Method:
       path, as in training).
     expected: its gradient evaluations per step in words (for the reader; the table shows the
       counted ones).
+    ascent_due: the static path: ``step -> bool`` decided on the host
+      (:func:`xsam_jax.ascent_due`), passed as ``update(..., ascend=...)`` to a step jitted
+      with it static (two programs, no ``lax.cond`` around the ascent); None: the ``lax.cond``
+      path.
   """
 
   name: str
@@ -99,6 +103,7 @@ class Method:
   make: Callable[[], optax.GradientTransformation] | None
   extra: frozenset[str] = frozenset({"grad_fn"})
   expected: str = ""
+  ascent_due: Callable[[int], bool] | None = None
 
 
 VARIANTS: dict[str, Method] = {}
@@ -111,6 +116,7 @@ def register(
   *,
   extra: Sequence[str] = ("grad_fn",),
   expected: str = "",
+  ascent_due: Callable[[int], bool] | None = None,
 ) -> Method:
   """Adds a variant to :data:`VARIANTS` (the benchmark runs them in registration order).
 
@@ -120,6 +126,7 @@ def register(
     make: builds the first link of the chain (the benchmark appends SGD); ``None`` for SGD.
     extra: the extra arguments its ``update`` takes (``"grad_fn"``, ``"eig_grad_fn"``).
     expected: the expected gradient evaluations per step, in words.
+    ascent_due: for the static path, the host-side decision ``step -> bool``.
 
   Returns:
     The registered :class:`Method`.
@@ -132,7 +139,7 @@ def register(
   unknown = set(extra) - {"grad_fn", "eig_grad_fn"}
   if unknown:
     raise ValueError(f"`extra` may hold 'grad_fn' and 'eig_grad_fn' only, got {sorted(unknown)}.")
-  method = Method(name, label, make, frozenset(extra), expected)
+  method = Method(name, label, make, frozenset(extra), expected, ascent_due)
   VARIANTS[name] = method
   return method
 
@@ -174,7 +181,35 @@ register(
   extra=("grad_fn", "eig_grad_fn"),
   expected=f"2 + {POWER_ITERS}/{REFRESH_EVERY} HVPs",
 )
-# More variants (ESAM's stochastic weight perturbation, X-SAM's schedules, ...) register here.
+# The static path of the same policies: the host decides (xsam_jax.ascent_due), no lax.cond.
+register(
+  "every5_static",
+  '`sometimes_sam(when="every", k=5)`, static path (`ascend=ascent_due(...)`)',
+  lambda: xsam_jax.sometimes_sam(RHO, when="every", k=5),
+  expected="1 + 1/5",
+  ascent_due=lambda t: xsam_jax.ascent_due(t, when="every", k=5),
+)
+register(
+  "random0.2_static",
+  '`sometimes_sam(when="random", prob=0.2)`, static path',
+  lambda: xsam_jax.sometimes_sam(RHO, when="random", prob=0.2, key=0),
+  expected="1 + 0.2 on average",
+  ascent_due=lambda t: xsam_jax.ascent_due(t, when="random", prob=0.2, key=0),
+)
+register(
+  "looksam5_static",
+  "`looksam(k=5)`, static path",
+  lambda: xsam_jax.looksam(RHO, k=5),
+  expected="1 + 1/5",
+  ascent_due=lambda t: xsam_jax.ascent_due(t, when="every", k=5),
+)
+register(
+  "esam",
+  "`esam(beta=0.5)` (stochastic weight perturbation)",
+  lambda: xsam_jax.esam(RHO, beta=0.5, key=0),
+  expected="2 (half the tensors perturbed; the backward pass is not cheaper in JAX)",
+)
+# More variants (X-SAM's schedules, ...) register here.
 
 # The variant whose single skipped and taken ascent steps are timed beside the windows.
 SKIP_PROBE = "every2"
@@ -226,23 +261,31 @@ def counting(grad_fn: Callable[[Any], Any], counts: Counts) -> Callable[[Any], A
 
 
 def make_step(method: Method, counts: Counts | None = None) -> Callable[..., Any]:
-  """The jitted train step ``(state, images, labels) -> (state, loss)`` of ``method``.
+  """The jitted train step ``(state, images, labels, ascend) -> (state, loss)`` of ``method``
+  (``ascend`` static: None on the ``lax.cond`` path, a host-decided bool on the static one).
 
   With ``counts``: the clean gradient, ``grad_fn`` and ``eig_grad_fn`` are counted at run time
   (:func:`counting`; the clean pass is unconditional and ticks ``counts["clean"]``).
   """
 
-  def step(state, images, labels):
+  def step(state, images, labels, ascend):
     out = training.linen_grad_fns(state, cross_entropy, images, labels)
     fns = {"grad_fn": out.grad_fn, "eig_grad_fn": out.eig_grad_fn}
     if counts is not None:
       jax.debug.callback(lambda: counts.update(clean=1))
       fns = {name: counting(fn, counts) for name, fn in fns.items()}
     extra = {name: fn for name, fn in fns.items() if name in method.extra}
+    if ascend is not None:
+      extra["ascend"] = ascend
     state = state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats, **extra)
     return state, out.loss
 
-  return jax.jit(step)
+  return jax.jit(step, static_argnums=3)
+
+
+def ascend_at(method: Method, step: int) -> bool | None:
+  """The ``ascend`` argument of ``method``'s step ``step`` (None on the ``lax.cond`` path)."""
+  return None if method.ascent_due is None else method.ascent_due(step)
 
 
 def ascent_steps(state: training.TrainState) -> int | None:
@@ -265,9 +308,10 @@ def count_window(method: Method, problem: Problem, state, steps: int) -> dict[st
   counts: Counts = collections.Counter()
   step = make_step(method, counts)
   per_step = []
-  for _ in range(steps):
+  for t in range(steps):
     before = dict(counts)
-    state, _ = jax.block_until_ready(step(state, problem.images, problem.labels))
+    ascend = ascend_at(method, t)
+    state, _ = jax.block_until_ready(step(state, problem.images, problem.labels, ascend))
     jax.effects_barrier()
     diff = {k: counts[k] - before.get(k, 0) for k in ("clean", "grad", "hvp")}
     per_step.append((diff["clean"], diff["clean"] + diff["grad"], diff["hvp"]))
@@ -290,13 +334,20 @@ def window_variant(
   state carried, the same window every call), compiled ahead of time, and a dict whose
   ``"state"`` is the state at the end of its last timed window."""
   data = (problem.images, problem.labels)
-  compiled, lower_s, compile_s = compile_ahead(make_step(method), (state, *data))
+  jitted = make_step(method)
+  choices = [ascend_at(method, t) for t in range(steps)]  # decided once, outside the timing
+  programs, lower_s, compile_s = {}, 0.0, 0.0
+  for ascend in dict.fromkeys(choices):  # one program per static value (None: the cond path)
+    # The static `ascend` is baked into the compiled program, called with (state, *data).
+    programs[ascend], lower, compile_ = compile_ahead(jitted, (state, *data, ascend))
+    lower_s, compile_s = lower_s + lower, compile_s + compile_
+  window_programs = [programs[a] for a in choices]
   last: dict[str, Any] = {}
 
   def call():
     s = state
-    for _ in range(steps):
-      s, loss = compiled(s, *data)
+    for program in window_programs:
+      s, loss = program(s, *data)
     last["state"] = s
     return s, loss
 
@@ -317,7 +368,8 @@ def single_step_variants(
   """One step of ``probe`` (SAM every k steps) that skips the ascent (counter 1) and one that
   takes it (counter 0), same compiled program, timed on a fixed state."""
   data = (problem.images, problem.labels)
-  compiled, lower_s, compile_s = compile_ahead(make_step(VARIANTS[probe]), (states[probe], *data))
+  jitted = make_step(VARIANTS[probe])
+  compiled, lower_s, compile_s = compile_ahead(jitted, (states[probe], *data, None))
   variants = []
   for name, count in ((f"{probe}_skip_step", 1), (f"{probe}_ascent_step", 0)):
     state = with_first_count(states[probe], count)
@@ -476,7 +528,9 @@ def render_markdown(
     lines += model_table(r, args.window)
   lines += [
     "Method: every variant is the train step of `experiments/train.py` (`linen_grad_fns` + "
-    "`apply_gradients`, `refresh=None`: the `lax.cond` path, one program for every step), "
+    "`apply_gradients`, `refresh=None`: the `lax.cond` path, one program for every step; "
+    "the rows marked *static path* pass `ascend=xsam_jax.ascent_due(step, ...)`, decided "
+    "on the host, to a step with `ascend` static: two programs, no `lax.cond`), "
     "compiled ahead of time; a timed sample runs the whole window (async dispatch, blocked "
     "at its end) and repeats it until it lasts ≥ 0.2 s. The last column lists the counted "
     "gradient evaluations of each step of the window (`+5h`: five HVPs in that step).",

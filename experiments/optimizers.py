@@ -27,6 +27,10 @@ class OptimizerSpec:
     mesa_start_step: for ``mesa``/``mesa_adamw``, the first step whose loss has MESA's KL term
       (``mesa_start_epoch`` epochs in); the step must then keep the EMA teacher
       (:class:`xsam_jax.training.MESATrainState`). None for every other optimizer.
+    ascent_policy: for the variants whose ascent a host can decide (``sam_every``, ``rst``,
+      ``looksam``), the keyword arguments of :func:`xsam_jax.ascent_due` that twin the
+      transform's policy (the static ascent path passes ``ascend=ascent_due(step,
+      **ascent_policy)``). None for every other optimizer (``ae_sam`` decides in the step).
   """
 
   tx: optax.GradientTransformationExtraArgs
@@ -34,6 +38,7 @@ class OptimizerSpec:
   tracks_eigvec: bool
   refresh_every: int
   mesa_start_step: int | None = None
+  ascent_policy: dict[str, Any] | None = None
 
 
 # ASAM's official code (SamsungLabs/ASAM, ``asam.py``) applies T_w = |w| + eta only to the
@@ -216,12 +221,18 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     esam_beta=config.esam_beta,
   )
   tx = base if sharp is None else optax.chain(sharp, base)
+  policies = {
+    "sam_every": {"when": "every", "k": config.sam_every_k},
+    "rst": {"when": "random", "prob": config.sam_prob, "key": config.seed},
+    "looksam": {"when": "every", "k": config.looksam_k},
+  }
   return OptimizerSpec(
     tx=tx,
     needs_grad_fn=sharp is not None,
     tracks_eigvec=method in ("eigen_sam", "xsam"),
     refresh_every=refresh_every,
     mesa_start_step=config.mesa_start_epoch * steps_per_epoch if method == "mesa" else None,
+    ascent_policy=policies.get(method),
   )
 
 

@@ -50,7 +50,7 @@ from experiments import sharding as sharding_lib
 from experiments.configs.base import TrainConfig, config_differences, load_config
 from experiments.models import count_params, get_model, init_model
 from experiments.optimizers import OptimizerSpec, build_optimizer, gradient_evaluations
-from xsam_jax import hessian, is_due, training
+from xsam_jax import ascent_due, hessian, is_due, training
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -138,6 +138,17 @@ def use_static_refresh(config: TrainConfig) -> bool:
   return config.refresh_path == "static"
 
 
+def use_static_ascent(config: TrainConfig, spec: OptimizerSpec) -> bool:
+  """Host-decided ascent (:func:`xsam_jax.ascent_due`) for ``sam_every``/``rst``/``looksam`` on
+  XLA:CPU (``ascent_path=auto``), where a gradient inside ``lax.cond`` is 20-30x slower; one
+  program with ``lax.cond`` elsewhere and for every method without a host-decidable policy."""
+  if spec.ascent_policy is None:
+    return False
+  if config.ascent_path == "auto":
+    return jax.default_backend() == "cpu"
+  return config.ascent_path == "static"
+
+
 def make_train_step(
   config: TrainConfig,
   spec: OptimizerSpec,
@@ -145,12 +156,13 @@ def make_train_step(
   batch_sharding: NamedSharding | None = None,
   eig_batch: tuple[Any, Any] | None = None,
 ):
-  """The jitted step ``(state, batch, *, refresh) -> (state, metrics)``.
+  """The jitted step ``(state, batch, *, refresh, ascend) -> (state, metrics)``.
 
   With ``state_sharding`` (and the batch's sharding) the step's ``in_shardings`` and
   ``out_shardings`` pin the state to that layout: parameters, their optimizer-state twins and
   the ``eigvec`` the library returns keep their shardings from step to step, metrics come back
-  replicated, and the step compiles once (once per ``refresh`` value on the static path).
+  replicated, and the step compiles once (once per ``refresh`` and per ``ascend`` value on the
+  static paths: ``refresh`` for Eigen-SAM/X-SAM, ``ascend`` for ``spec.ascent_policy``).
 
   With ``eig_batch`` (``(images, labels)``, ``config.eig_examples > 0``: see
   :func:`fixed_train_examples`) the eigenvector's HVPs are those of the eval-mode loss on that
@@ -166,7 +178,7 @@ def make_train_step(
       out_shardings=(state_sharding, replicated),
     )
 
-  def step(state, batch, eig_batch, refresh):
+  def step(state, batch, eig_batch, refresh, ascend):
     loss_fn, targets = cross_entropy, batch["label"]
     if spec.mesa_start_step is not None:  # MESA: CE + KL towards the EMA teacher's predictions
       # The weight is traced: one program for the steps before and after the start.
@@ -186,6 +198,8 @@ def make_train_step(
     extra: dict[str, Any] = {}
     if spec.needs_grad_fn:
       extra["grad_fn"] = out.grad_fn
+    if spec.ascent_policy is not None:
+      extra["ascend"] = ascend
     if spec.tracks_eigvec:
       extra["refresh"] = refresh
       if eig_batch is not None:
@@ -203,11 +217,11 @@ def make_train_step(
       metrics["abs_cos"] = jnp.abs(optax.tree.get(state.opt_state, "cos"))
     return state, metrics
 
-  # `refresh` is positional inside: jit accepts no keyword arguments with in_shardings.
-  compiled = jax.jit(step, static_argnums=(3,), donate_argnums=(0,), **shardings)
+  # `refresh`, `ascend` are positional inside: jit accepts no keyword arguments with in_shardings.
+  compiled = jax.jit(step, static_argnums=(3, 4), donate_argnums=(0,), **shardings)
 
-  def train_step(state, batch, *, refresh=None):
-    return compiled(state, batch, eig_batch, refresh)
+  def train_step(state, batch, *, refresh=None, ascend=None):
+    return compiled(state, batch, eig_batch, refresh, ascend)
 
   train_step.jitted = compiled  # for compile counts: train_step.jitted._cache_size()
   return train_step
@@ -608,6 +622,7 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
   start_epoch = run.latest_epoch() or 0
   summary_path = Path(workdir) / SUMMARY_FILE
   static = spec.tracks_eigvec and use_static_refresh(config)
+  static_ascent = use_static_ascent(config, spec)
   split = eval_split(config)
   eig_used = None  # the size of the fixed set of the eigenvector's HVPs (eig_examples)
   if spec.tracks_eigvec and config.eig_examples:
@@ -667,8 +682,9 @@ def _train(config, workdir, max_epochs_this_run, watch: distributed.PreemptionWa
     for i, local_batch in enumerate(batches, start=first):
       step = epoch * steps_per_epoch + i
       refresh = is_due(step, spec.refresh_every) if static else None
+      ascend = ascent_due(step, **spec.ascent_policy) if static_ascent else None
       batch = data_lib.make_global_batch(local_batch, batch_sharding, config.batch_size)
-      state, metrics = train_step(state, batch, refresh=refresh)
+      state, metrics = train_step(state, batch, refresh=refresh, ascend=ascend)
       sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
       if step % config.log_every == 0:
         step_record = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -795,6 +811,12 @@ def _summary(
     "train_seconds_this_run": train_seconds,
     "refresh_path": ("static" if static else "cond") if spec.tracks_eigvec else None,
     "refresh_every": spec.refresh_every if spec.tracks_eigvec else None,
+    # sam_every/rst/looksam: whether the ascent was decided on the host (xsam_jax.ascent_due).
+    "ascent_path": (
+      ("static" if use_static_ascent(config, spec) else "cond")
+      if spec.ascent_policy is not None
+      else None
+    ),
     # The fixed set of the eigenvector's HVPs (None: each step's minibatch).
     "eig_examples": eig_examples,
     # Gradient evaluations of the run, counted (not assumed): clean + ascent gradients + HVPs

@@ -22,6 +22,7 @@ from launch_processes import FAST_COMPILE, read_checkpoint, xla_flags
 
 import xsam_jax
 from experiments import data as data_lib
+from experiments import sharding as sharding_lib
 from experiments import train as train_lib
 from experiments.configs.base import load_config
 from experiments.optimizers import build_optimizer
@@ -496,6 +497,38 @@ def test_sam_every_two_steps_counts_n_plus_half_n_gradient_evaluations(tmp_path)
   records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   epochs = [r for r in records if r["kind"] == "epoch"]
   assert [r["grad_evals"] for r in epochs] == [4 + 2, 8 + 4]  # running counts per epoch
+  assert summary["ascent_path"] == "static"  # XLA:CPU picks the host-decided ascent
+
+
+@pytest.mark.parametrize("optimizer", ["sam_every", "rst", "looksam"])
+def test_cond_and_static_ascent_paths_make_the_same_steps(optimizer):
+  # The static path passes ascend=ascent_due(step, **spec.ascent_policy): the same choices
+  # (checked on the states' `ascended`) and the same parameters as the lax.cond path.
+  config = _config(optimizer, "train_examples=128", "batch_size=32", "sam_every_k=2")
+  dataset = data_lib.load_dataset("digits", label_noise=0.4, train_examples=128)
+  spec = build_optimizer(config, 4)
+  assert spec.ascent_policy is not None
+  mesh = sharding_lib.make_mesh(config.mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  results = {}
+  for path in ("cond", "static"):
+    # The CLI's layout (init_state, pinned shardings): the step compiles once per `ascend`.
+    state, state_sharding = train_lib.init_state(config, dataset, spec, mesh)
+    step = train_lib.make_train_step(config, spec, state_sharding, batch_sharding)
+    flags = []
+    for epoch in range(2):
+      for i, batch in enumerate(data_lib.train_batches(dataset, 32, 0, epoch, augment=False)):
+        t = 4 * epoch + i
+        ascend = xsam_jax.ascent_due(t, **spec.ascent_policy) if path == "static" else None
+        batch = data_lib.make_global_batch(batch, batch_sharding, 32)
+        state, _ = step(state, batch, ascend=ascend)
+        flags.append(bool(state.opt_state[0].ascended))
+    assert step.jitted._cache_size() == (2 if path == "static" else 1)
+    results[path] = (flags, ravel_pytree(jax.device_get(state.params))[0])
+  assert results["static"][0] == results["cond"][0]
+  assert 0 < sum(results["cond"][0]) < 8  # both kinds of step occur
+  cond, static = results["cond"][1], results["static"][1]
+  assert np.linalg.norm(cond - static) <= 1e-5 * np.linalg.norm(cond)
 
 
 @pytest.mark.slow

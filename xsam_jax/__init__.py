@@ -13,6 +13,7 @@ gradient to the optimizer after it.
 * :func:`looksam` -- LookSAM: SAM every k steps, its orthogonal part reused in between.
 * :func:`eigen_sam` -- Eigen-SAM: perturbation tilted towards the top Hessian eigenvector.
 * :func:`xsam` -- X-SAM: perturbed gradient corrected along the top Hessian eigenvector.
+* :func:`ascent_due` -- host-side twin of the every-k and random policies (the static path).
 * :func:`accumulate` -- gradient accumulation over k micro-batches, built from one k.
 * :func:`refresh_eigenvector` -- refresh the cached eigenvector outside the training step.
 * :mod:`xsam_jax.hessian` -- HVPs, power iteration, Lanczos, trace and spectral density.
@@ -26,6 +27,7 @@ from xsam_jax._eigen_sam import EigenSAMState, eigen_sam
 from xsam_jax._eigvec import is_due, refresh_eigenvector
 from xsam_jax._esam import ESAMState, esam
 from xsam_jax._looksam import LookSAMState, looksam
+from xsam_jax._policy import ascent_due
 from xsam_jax._sam import SAMState, sam
 from xsam_jax._sometimes import SometimesSAMState, sometimes_sam
 from xsam_jax._xsam import XSAMState, xsam
@@ -40,6 +42,7 @@ __all__ = [
   "SometimesSAMState",
   "XSAMState",
   "accumulate",
+  "ascent_due",
   "eigen_sam",
   "esam",
   "hessian",

@@ -28,6 +28,7 @@ from xsam_jax._perturbation import (
   tree_norm,
   tree_to_f32,
 )
+from xsam_jax._policy import run_branch, static_ascent
 from xsam_jax._sam import cast_ascent, sam_ascent, skipped_ascent
 
 PyTree = Any
@@ -118,6 +119,12 @@ def looksam(
   over devices. Under :func:`~xsam_jax.accumulate` every micro-batch of a refresh step
   refreshes, and the last one's :math:`g_v` is kept.
 
+  Static path (XLA:CPU, where a gradient inside ``lax.cond`` is 20-30x slower: see
+  :func:`~xsam_jax.ascent_due`): pass ``update(..., ascend=xsam_jax.ascent_due(count,
+  when="every", k=k))``, a Python bool decided on the host, with the step jitted with
+  ``ascend`` static; each compiled program then holds one branch (refresh or reuse) and no
+  control flow. ``ascend`` overrides the ``t % k`` test on that call.
+
   Args:
     rho: neighbourhood radius :math:`\rho \ge 0`, a float or a schedule ``step -> rho``.
     k: refresh every ``k``-th optimizer step, a Python int >= 1 (the paper uses 5; ``k = 1``
@@ -134,12 +141,13 @@ def looksam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`LookSAMState`;
-    ``update(updates, state, params, *, grad_fn, **extra)``.
+    ``update(updates, state, params, *, grad_fn, ascend=None, **extra)``.
 
   Raises:
     ValueError: for ``rho < 0``, ``alpha < 0``, ``eta < 0``, ``k`` not a Python int >= 1,
       ``accumulation_steps`` as in :func:`~xsam_jax.sam`, a missing ``params`` or
-      ``grad_fn``, and the data-parallel misuse :func:`~xsam_jax.sam` refuses.
+      ``grad_fn``, an ``ascend`` that is neither None nor a Python bool, and the data-parallel
+      misuse :func:`~xsam_jax.sam` refuses.
 
   References:
     Liu, Mai, Chen, Hsieh & You, "Towards Efficient and Scalable Sharpness-Aware
@@ -185,9 +193,10 @@ def looksam(
     )
     return place_state(state, params, gv, field="gv")
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, grad_fn=None, ascend=None, **extra_args):
     del extra_args
     check_update_args(method, params, grad_fn)
+    static = static_ascent(ascend, method, "every")
     check_clean_gradient(updates, method, axis_name)
     dtype = scalar_dtype(params)
     step = state.count // accumulation_steps
@@ -220,8 +229,8 @@ def looksam(
       step_out = skipped_ascent(out, updates, state, axis_name)
       return cast_ascent(step_out, params, dtype), gv, state.skipped_refreshes
 
-    (out, grad_norm, perturbation_norm, adv_grad_norm, curvature), gv, skipped = jax.lax.cond(
-      due, refresh, reuse
+    ((out, grad_norm, perturbation_norm, adv_grad_norm, curvature), gv, skipped), due = run_branch(
+      due, static, refresh, reuse
     )
     new_state = LookSAMState(
       count=optax.safe_increment(state.count),

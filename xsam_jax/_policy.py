@@ -2,12 +2,15 @@
 by :func:`~xsam_jax.sometimes_sam` and :func:`~xsam_jax.xsam`'s ``when=``.
 
 One copy of the rule: :func:`policy_args` fills in and checks the policy's arguments,
-:func:`decide` returns the traced choice :math:`a_t` and the AE-SAM statistics. The formulas are
-documented on :func:`~xsam_jax.sometimes_sam`.
+:func:`decide` returns the traced choice :math:`a_t` and the AE-SAM statistics,
+:func:`static_ascent` checks a host-side ``ascend=`` and :func:`ascent_due` is the public
+host-side twin of :func:`decide` for the policies a host can evaluate (every k, random). The
+formulas are documented on :func:`~xsam_jax.sometimes_sam`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -97,7 +100,9 @@ def decide(
   if when == "every":
     return step % args["k"] == 0, mean, var
   if when == "random":
-    p = read_hyperparam(args["prob"], step, dtype)
+    # The draw is in float32 whatever the params' dtype, so that ascent_due (host side) and
+    # float64 runs make the same choices as float32 ones.
+    p = read_hyperparam(args["prob"], step, jnp.float32)
     draw = jax.random.fold_in(as_key(key, where), step)
     return jax.random.bernoulli(draw, p), mean, var
   d = jnp.asarray(args["decay"], dtype)
@@ -107,3 +112,111 @@ def decide(
   c = read_hyperparam(args["threshold"], step, dtype)
   due = finite & (sq_norm >= new_mean + c * jnp.sqrt(new_var))
   return due, jnp.where(finite, new_mean, mean), jnp.where(finite, new_var, var)
+
+
+def static_ascent(ascend: Any, where: str, when: Any) -> bool | None:
+  """Checks ``update(..., ascend=...)``: None (the traced policy decides, under ``lax.cond``)
+  or a Python bool decided on the host (the chosen branch is traced alone, no control flow).
+
+  Raises:
+    ValueError: ``ascend`` neither None nor a Python bool (a traced or array value: leave it
+      None for a traced decision); a bool when ``when`` is None (the transform has no policy:
+      every step ascends).
+  """
+  if ascend is None:
+    return None
+  if not isinstance(ascend, bool):
+    raise ValueError(
+      f"{where}: `ascend` must be None (the policy decides inside the step, under lax.cond) or a "
+      f"Python bool decided on the host (e.g. xsam_jax.ascent_due(count, ...)), got {ascend!r}. "
+      "For a traced decision leave it as None."
+    )
+  if when is None:
+    raise ValueError(
+      f"{where}: `ascend` is read only with a `when` policy, but `when` is None (every step "
+      "ascends). Drop `ascend`, or build the transform with when='every'/'random'/'adaptive'."
+    )
+  return ascend
+
+
+def ascent_due(
+  count: int,
+  *,
+  when: str = "every",
+  k: int | None = None,
+  prob: Any = None,
+  key: Any = 0,
+  accumulation_steps: int = 1,
+) -> bool:
+  r"""Host-side twin of the in-step policy: whether ``update`` call ``count`` makes the ascent.
+
+  :func:`~xsam_jax.sometimes_sam`, :func:`~xsam_jax.looksam` (``when="every"``) and
+  :func:`~xsam_jax.xsam` with ``when=`` decide inside the step with ``lax.cond`` by default: one
+  compiled program. On XLA:CPU a gradient inside a ``lax.cond`` branch runs 20-30x slower than
+  at top level (``benchmarks/RESULTS.md``, "Variant cost"), which makes the cheap variants
+  dearer than SAM there. The static path avoids it: decide on the host with this function and
+  pass ``update(..., ascend=ascent_due(count, ...))``, with the step jitted with ``ascend`` as a
+  static argument (two compiled programs, one per value). The choices are exactly the in-step
+  ones: the same :math:`[t \bmod k = 0]`, the same Bernoulli draw from
+  ``fold_in(key, t)`` (in float32, for any params dtype), with :math:`t` =
+  ``count // accumulation_steps``.
+
+  AE-SAM (``when="adaptive"``) decides from the current gradient norm, a device value: it has
+  no host-side twin without a host sync in the step, so it is refused here.
+
+  Args:
+    count: the ``update`` call, counting micro-batches (the state's ``count`` before the call).
+    when: ``"every"`` or ``"random"`` (LookSAM: ``"every"`` with its ``k``).
+    k: ``when="every"``: the period, a Python int >= 1 (default 2, as the transforms).
+    prob: ``when="random"``: the probability, a float or a schedule ``step -> p`` (default 0.5).
+    key: ``when="random"``: the transform's PRNG key or int seed.
+    accumulation_steps: micro-batches per optimizer step (:func:`~xsam_jax.accumulate`'s ``k``).
+
+  Returns:
+    A Python bool.
+
+  Raises:
+    ValueError: ``when="adaptive"`` or an unknown ``when``; a policy argument of the other
+      policy; ``k``, ``prob``, ``key`` or ``accumulation_steps`` as the transforms refuse them.
+
+  Example:
+    >>> import xsam_jax
+    >>> [xsam_jax.ascent_due(c, when="every", k=3) for c in range(5)]
+    [True, False, False, True, False]
+    >>> [xsam_jax.ascent_due(c, when="every", k=2, accumulation_steps=2) for c in range(5)]
+    [True, True, False, False, True]
+  """
+  where = "xsam_jax.ascent_due"
+  if when == "adaptive":
+    raise ValueError(
+      f"{where}: when='adaptive' (AE-SAM) decides from the current gradient norm, which only "
+      "the step knows; it has no host-side twin. Leave `ascend` as None (lax.cond path)."
+    )
+  args = policy_args(where, when, {"k": k, "prob": prob, "decay": None, "threshold": None}, key)
+  check_positive_int("accumulation_steps", accumulation_steps)
+  step = int(count) // accumulation_steps
+  if when == "every":
+    check_positive_int("k", args["k"])
+    return step % args["k"] == 0
+  due, _, _ = decide(
+    when,
+    args,
+    key,
+    where,
+    jnp.zeros(()),
+    jnp.zeros(()),
+    jnp.zeros(()),
+    jnp.asarray(step),
+    jnp.float32,
+  )
+  return bool(due)
+
+
+def run_branch(
+  due: jax.Array, static: bool | None, ascend: Callable[[], Any], skip: Callable[[], Any]
+) -> tuple[Any, jax.Array]:
+  """``(ascend() if a_t else skip(), a_t)``: under ``lax.cond`` on the traced ``due`` when
+  ``static`` is None, else only the branch the host chose is traced (``a_t = static``)."""
+  if static is None:
+    return jax.lax.cond(due, ascend, skip), jnp.asarray(due)
+  return (ascend() if static else skip()), jnp.asarray(static)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -27,7 +26,7 @@ from xsam_jax._perturbation import (
   scalar_dtype,
   tree_norm,
 )
-from xsam_jax._policy import decide, policy_args
+from xsam_jax._policy import decide, policy_args, run_branch, static_ascent
 from xsam_jax._sam import cast_ascent, sam_ascent, skipped_ascent
 
 PyTree = Any
@@ -137,6 +136,15 @@ def sometimes_sam(
   ``tests/test_sometimes.py`` counts the ``grad_fn`` calls at run time with a
   ``jax.debug.callback`` inside ``grad_fn`` (an untaken ``lax.cond`` branch runs nothing).
 
+  Static path: on XLA:CPU a gradient inside a ``lax.cond`` branch is 20-30x slower than at top
+  level (jax-ml/jax#12868), which makes the ``lax.cond`` path dearer than SAM there. Pass
+  ``update(..., ascend=xsam_jax.ascent_due(count, when=..., k=..., prob=..., key=...))``, a
+  Python bool decided on the host, with the train step jitted with ``ascend`` static: each of
+  the two compiled programs holds one branch and no control flow, and the choices are the
+  in-step ones (``when="every"`` and ``"random"``; AE-SAM's rule needs the step's gradient norm
+  and stays on the ``lax.cond`` path). ``ascend`` overrides the policy on that call; AE-SAM's
+  statistics are still updated.
+
   Data parallel and accumulation: as :func:`~xsam_jax.sam` (pass ``axis_name`` inside
   ``shard_map``/``pmap``; use :func:`~xsam_jax.accumulate` for accumulation). With
   ``axis_name`` the adaptive rule reads the mean over devices of each device's :math:`s_t`, so
@@ -164,15 +172,15 @@ def sometimes_sam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`SometimesSAMState`;
-    ``update(updates, state, params, *, grad_fn, **extra)``.
+    ``update(updates, state, params, *, grad_fn, ascend=None, **extra)``.
 
   Raises:
     ValueError: for an unknown ``when``; an argument of another policy (``k`` with
       ``when="random"``, ...); ``rho < 0``, ``eta < 0``, ``prob`` outside [0, 1], ``decay``
       outside [0, 1], a NaN ``threshold``; ``k`` not a Python int >= 1; a ``key`` that is
       neither a PRNG key nor an int; ``accumulation_steps`` as in :func:`~xsam_jax.sam`; a
-      missing ``params`` or ``grad_fn``; and the data-parallel misuse :func:`~xsam_jax.sam`
-      refuses.
+      missing ``params`` or ``grad_fn``; an ``ascend`` that is neither None nor a Python bool;
+      and the data-parallel misuse :func:`~xsam_jax.sam` refuses.
 
   References:
     Zhao, Zhang & Hu, "Randomized Sharpness-Aware Training for Boosting Computational
@@ -221,9 +229,10 @@ def sometimes_sam(
     )
     return place_state(state, params)
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, grad_fn=None, ascend=None, **extra_args):
     del extra_args
     check_update_args(method, params, grad_fn)
+    static = static_ascent(ascend, method, when)
     check_clean_gradient(updates, method, axis_name)
     dtype = scalar_dtype(params)
     step = state.count // accumulation_steps
@@ -243,7 +252,7 @@ def sometimes_sam(
       dtype,
     )
 
-    def ascend():
+    def ascend_branch():
       return sam_ascent(
         updates,
         params,
@@ -259,8 +268,11 @@ def sometimes_sam(
     def skip():
       return skipped_ascent(device_mean(updates, axis_name), updates, state, axis_name)
 
-    grads, grad_norm, perturbation_norm, adv_grad_norm, curvature = jax.lax.cond(
-      due, lambda: cast_ascent(ascend(), params, dtype), lambda: cast_ascent(skip(), params, dtype)
+    (grads, grad_norm, perturbation_norm, adv_grad_norm, curvature), due = run_branch(
+      due,
+      static,
+      lambda: cast_ascent(ascend_branch(), params, dtype),
+      lambda: cast_ascent(skip(), params, dtype),
     )
     count = optax.safe_increment(state.count)
     ascent_steps = state.ascent_steps + due.astype(state.ascent_steps.dtype)

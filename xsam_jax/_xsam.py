@@ -39,7 +39,7 @@ from xsam_jax._perturbation import (
   tree_vdot,
 )
 from xsam_jax._perturbation import normalize as normalize_tree
-from xsam_jax._policy import decide, policy_args
+from xsam_jax._policy import decide, policy_args, run_branch, static_ascent
 from xsam_jax._sam import Ascent, cast_ascent, sam_perturbation, skipped_ascent
 
 PyTree = Any
@@ -255,7 +255,11 @@ def xsam(
     when used.
 
   ``when=None`` (default) is X-SAM on every step, the program of the transform without these
-  arguments. ``ascent_fraction`` in the state is the running fraction of ascent steps.
+  arguments. ``ascent_fraction`` in the state is the running fraction of ascent steps. On
+  XLA:CPU, where the ``lax.cond`` around the ascent makes its gradient 20-30x slower, pass
+  ``update(..., ascend=xsam_jax.ascent_due(count, when=..., ...))`` (a host-side Python bool,
+  ``when="every"``/``"random"``; with ``refresh=xsam_jax.is_due(...)`` and
+  ``refresh_on="step"`` no ``lax.cond`` is left in the step).
   Why arguments of ``xsam`` and not a wrapper ``sometimes(xsam(...))``: a wrapper would not
   know the scale of X-SAM's output (unit norm with ``normalize=True``) for the skipped steps,
   and by not calling the inner ``update`` on skipped steps it would freeze its ``count``, so
@@ -330,7 +334,7 @@ def xsam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
-    grad_fn, eig_grad_fn=None, refresh=None, **extra)``.
+    grad_fn, eig_grad_fn=None, refresh=None, ascend=None, **extra)``.
 
   Raises:
     ValueError: for ``rho < 0``, ``alpha`` outside ``[0, 2]``, ``refresh_every``,
@@ -341,8 +345,9 @@ def xsam(
       when ``params`` or ``grad_fn`` is missing or ``grad_fn`` cannot be called as
       ``grad_fn(params)``, and for data-parallel misuse (see :func:`~xsam_jax.sam`); an
       unknown ``when`` or ``refresh_on``, a policy argument (``k``, ``prob``, ``decay``,
-      ``threshold``) of another policy or without ``when``, and the policy arguments'
-      ranges as in :func:`~xsam_jax.sometimes_sam`.
+      ``threshold``) of another policy or without ``when``, the policy arguments'
+      ranges as in :func:`~xsam_jax.sometimes_sam`, and an ``ascend`` that is not None or a
+      Python bool, or given without ``when``.
 
   References:
     Duan, Chen & Guan, "X-SAM: Boosting Sharpness-Aware Minimization with Dominant-Eigenvector
@@ -436,10 +441,19 @@ def xsam(
     return place_state(state, params, state.eigvec)
 
   def update_fn(
-    updates, state, params=None, *, grad_fn=None, eig_grad_fn=None, refresh=None, **extra_args
+    updates,
+    state,
+    params=None,
+    *,
+    grad_fn=None,
+    eig_grad_fn=None,
+    refresh=None,
+    ascend=None,
+    **extra_args,
   ):
     del extra_args
     check_update_args("xsam_jax.xsam", params, grad_fn)
+    static = static_ascent(ascend, "xsam_jax.xsam", when)
     if eig_grad_fn is not None:
       check_grad_fn_signature("eig_grad_fn", eig_grad_fn, "xsam_jax.xsam")
     check_nonempty("params", params, "xsam_jax.xsam")
@@ -455,6 +469,8 @@ def xsam(
       due, mean, var = decide(
         when, policy, key, "xsam_jax.xsam", mean, var, sq_norm.astype(dtype), step, dtype
       )
+      if static is not None:
+        due = jnp.asarray(static)
       if refresh_on == "ascent":
         period = refresh_every * accumulation_steps
         refresh_due = due & (state.ascent_steps % period == 0)
@@ -514,9 +530,9 @@ def xsam(
 
     if policy is None:
       ascent, cos = ascend()
+      due = jnp.asarray(due)
     else:
-      ascent, cos = jax.lax.cond(due, ascend, skip)
-    due = jnp.asarray(due)
+      (ascent, cos), due = run_branch(due, static, ascend, skip)
     count = optax.safe_increment(state.count)
     ascent_steps = state.ascent_steps + due.astype(state.ascent_steps.dtype)
     new_state = XSAMState(

@@ -111,6 +111,10 @@ class TrainConfig:
   # ablation (experiments/analysis/ablation.py).
   eig_examples: int = 0
   refresh_path: str = "auto"  # "cond" (one compile), "static" (host decides), "auto"
+  # sam_every, rst, looksam: the ascent decided in the step under lax.cond ("cond", one
+  # compile), or on the host with xsam_jax.ascent_due ("static", two compiles; ae_sam always
+  # decides in the step); "auto": static on XLA:CPU, where lax.cond makes the ascent 20-30x dearer.
+  ascent_path: str = "auto"
   # Cheaper SAM (xsam_jax.sometimes_sam, xsam_jax.looksam; defaults from their papers).
   sam_every_k: int = 5  # sam_every: SAM's ascent on every k-th step (k = 5: LookSAM's k)
   sam_prob: float = 0.5  # rst: the probability of an ascent step (RST's p = 0.5)
@@ -280,6 +284,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     ("model", config.model, tuple(MODELS)),
     ("dataset", config.dataset, (*DATASETS, "svhn_cropped")),
     ("refresh_path", config.refresh_path, REFRESH_PATHS),
+    ("ascent_path", config.ascent_path, REFRESH_PATHS),
     ("lr_schedule", config.lr_schedule, LR_SCHEDULES),
     ("tracker", config.tracker, ("power", "lanczos", "random")),
     ("correction", config.correction, ("projection", "official")),
