@@ -31,6 +31,9 @@ class OptimizerSpec:
       ``looksam``), the keyword arguments of :func:`xsam_jax.ascent_due` that twin the
       transform's policy (the static ascent path passes ``ascend=ascent_due(step,
       **ascent_policy)``). None for every other optimizer (``ae_sam`` decides in the step).
+    esam_fraction: for ``esam`` with ``esam_gamma < 1``, ESAM's data selection: the step's
+      ``grad_fn`` takes the second gradient on that share of the batch, the examples whose
+      loss rose most (:func:`xsam_jax.training.sharp_examples_grad_fn`). None otherwise.
   """
 
   tx: optax.GradientTransformationExtraArgs
@@ -39,6 +42,7 @@ class OptimizerSpec:
   refresh_every: int
   mesa_start_step: int | None = None
   ascent_policy: dict[str, Any] | None = None
+  esam_fraction: float | None = None
 
 
 # ASAM's official code (SamsungLabs/ASAM, ``asam.py``) applies T_w = |w| + eta only to the
@@ -117,8 +121,9 @@ def sharpness_method(
   * ``looksam``: :func:`xsam_jax.looksam` with ``k=looksam_k``, ``alpha=looksam_alpha``;
     ``looksam_adaptive`` takes ASAM's neighbourhood on refresh steps (``eta``,
     :func:`asam_mask`), Adaptive LookSAM.
-  * ``esam``: ESAM's stochastic weight perturbation only (tensors drawn with probability
-    ``esam_beta`` from ``key``); its data selection is not wired here.
+  * ``esam``: ESAM's stochastic weight perturbation (tensors drawn with probability
+    ``esam_beta`` from ``key``); its data selection (``esam_gamma < 1``) needs per-example
+    losses and lives in the train step (:attr:`OptimizerSpec.esam_fraction`).
   """
   if method in ("sgd", "adamw", "mesa"):
     return None
@@ -233,6 +238,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     refresh_every=refresh_every,
     mesa_start_step=config.mesa_start_epoch * steps_per_epoch if method == "mesa" else None,
     ascent_policy=policies.get(method),
+    esam_fraction=config.esam_gamma if method == "esam" and config.esam_gamma < 1 else None,
   )
 
 

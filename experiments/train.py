@@ -81,6 +81,34 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
   return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+def cross_entropy_per_example(
+  logits: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """:func:`cross_entropy` with ``(accuracy, per-example losses)`` as aux (ESAM's selection)."""
+  logits = _at_least_float32(logits)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return losses.mean(), (jnp.mean(jnp.argmax(logits, -1) == labels), losses)
+
+
+def per_example_cross_entropy(state: training.TrainState, dropout_rng: jax.Array):
+  """``(params, (images, labels)) -> (n,)`` losses of the train-mode forward (BatchNorm on the
+  batch's statistics, which are thrown away; dropout from ``dropout_rng``), as ``grad_fn``'s."""
+
+  def losses(params, batch):
+    images, labels = batch
+    variables = {"params": params}
+    kwargs: dict[str, Any] = {"rngs": {"dropout": dropout_rng}}
+    if state.batch_stats is not None:
+      variables["batch_stats"] = state.batch_stats
+      kwargs["mutable"] = ["batch_stats"]
+    logits = state.apply_fn(variables, images, train=True, **kwargs)
+    if state.batch_stats is not None:
+      logits = logits[0]
+    return optax.softmax_cross_entropy_with_integer_labels(_at_least_float32(logits), labels)
+
+  return losses
+
+
 def mesa_cross_entropy(
   logits: jax.Array, targets: tuple[jax.Array, jax.Array], *, weight: Any, temperature: float
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -187,17 +215,23 @@ def make_train_step(
         mesa_cross_entropy, weight=weight, temperature=config.mesa_temperature
       )
       targets = (batch["label"], state.teacher_logits(batch["image"]))
+    if spec.esam_fraction is not None:  # ESAM's data selection needs per-example losses
+      loss_fn = cross_entropy_per_example
+    dropout_rng = jax.random.fold_in(dropout_key, state.step)
     out = training.linen_grad_fns(
-      state,
-      loss_fn,
-      batch["image"],
-      targets,
-      dropout_rng=jax.random.fold_in(dropout_key, state.step),
-      has_aux=True,
+      state, loss_fn, batch["image"], targets, dropout_rng=dropout_rng, has_aux=True
     )
     extra: dict[str, Any] = {}
     if spec.needs_grad_fn:
       extra["grad_fn"] = out.grad_fn
+    if spec.esam_fraction is not None:
+      # The second gradient on the share of the batch whose loss rose most from w to w + eps.
+      extra["grad_fn"] = training.sharp_examples_grad_fn(
+        per_example_cross_entropy(state, dropout_rng),
+        (batch["image"], batch["label"]),
+        jax.lax.stop_gradient(out.aux[1]),
+        spec.esam_fraction,
+      )
     if spec.ascent_policy is not None:
       extra["ascend"] = ascend
     if spec.tracks_eigvec:
@@ -208,7 +242,8 @@ def make_train_step(
         extra["eig_grad_fn"] = out.eig_grad_fn
     # MESATrainState also moves its EMA teacher here, after the step.
     state = state.apply_gradients(grads=out.grads, batch_stats=out.batch_stats, **extra)
-    accuracy = out.aux[0] if spec.mesa_start_step is not None else out.aux
+    mesa_or_esam = spec.mesa_start_step is not None or spec.esam_fraction is not None
+    accuracy = out.aux[0] if mesa_or_esam else out.aux
     metrics = {"loss": out.loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(out.grads)}
     if spec.mesa_start_step is not None:
       metrics["mesa_kl"] = out.aux[1]

@@ -382,7 +382,7 @@ def test_tune_only_stops_after_the_tuning_stage_and_trains_no_test_run(tmp_path)
 
 
 def test_the_cheaper_variants_tune_the_shared_rho_grid_and_their_own_small_grid():
-  a = args("--regimes", "noise40", "--methods", "sgd,sam_every,rst,ae_sam,looksam,asam")
+  a = args("--regimes", "noise40", "--methods", "sgd,sam_every,rst,ae_sam,looksam,esam,mesa,asam")
   tuning = study.tune_runs(a)
   settings = {m: {r.setting for r in tuning if r.method == m} for m in a.methods}
   rhos = [f"rho={r}" for r in study.RHOS]
@@ -391,6 +391,18 @@ def test_the_cheaper_variants_tune_the_shared_rho_grid_and_their_own_small_grid(
   assert settings["rst"] == {(r, "sam_prob=0.5") for r in rhos}
   assert settings["ae_sam"] == settings["asam"] == {(r,) for r in rhos}
   assert settings["looksam"] == {(r, f"looksam_alpha={x}") for r in rhos for x in (0.5, 0.7)}
+  assert settings["esam"] == {(r, "esam_beta=0.5", "esam_gamma=0.5") for r in rhos}
+  # MESA has no rho: its EMA decay, the KL term from a tenth of the 30 epochs on.
+  assert settings["mesa"] == {("mesa_decay=0.9",), ("mesa_decay=0.99",)}
+  for run in tuning:
+    assert ("mesa_start_epoch=3" in run.overrides) == (run.method == "mesa"), run
+    assert any(o.startswith("rho_warmup_epochs=") for o in run.overrides) != (run.method == "mesa")
+  config = study.common.make_config(a.config, "mesa", ["mesa_decay=0.9", "mesa_start_epoch=3"])
+  assert (config.mesa_decay, config.mesa_start_epoch) == (0.9, 3)
+  config = study.common.make_config(
+    a.config, "esam", ["rho=0.1", "esam_beta=0.5", "esam_gamma=0.5"]
+  )
+  assert (config.rho, config.esam_beta, config.esam_gamma) == (0.1, 0.5, 0.5)
   # Each setting names real config fields: the runs' configs build, with the grid's values.
   config = study.common.make_config(a.config, "looksam", ["rho=0.1", "looksam_alpha=0.5"])
   assert (config.rho, config.looksam_alpha, config.looksam_k) == (0.1, 0.5, 5)
@@ -403,7 +415,14 @@ def test_an_unknown_method_or_a_bad_variant_grid_is_refused_by_flag(capsys):
     with pytest.raises(SystemExit):
       args(*bad)
     assert "unknown method" in capsys.readouterr().err
-  for flag, value in (("--sam_every_ks", "0"), ("--sam_probs", "1.5"), ("--looksam_alphas", "-1")):
+  for flag, value in (
+    ("--sam_every_ks", "0"),
+    ("--sam_probs", "1.5"),
+    ("--looksam_alphas", "-1"),
+    ("--esam_betas", "0"),
+    ("--esam_gammas", "1.5"),
+    ("--mesa_decays", "1"),
+  ):
     with pytest.raises(SystemExit):
       args(flag, value)
     assert flag in capsys.readouterr().err
@@ -419,6 +438,8 @@ def test_expected_gradient_evaluations_per_step_follow_each_rule():
   assert study.grads_per_step(make(path, "sam_every", ["sam_every_k=4"])) == 1.25
   assert study.grads_per_step(make(path, "looksam_adamw", ["looksam_k=2"])) == 1.5
   assert study.grads_per_step(make(path, "rst", ["sam_prob=0.3"])) == pytest.approx(1.3)
+  assert study.grads_per_step(make(path, "esam")) == 2.0
+  assert study.grads_per_step(make(path, "mesa")) == 1.0
 
 
 def test_equal_compute_for_a_cheap_method_gives_sgd_its_budget_and_leaves_sam_out():

@@ -220,6 +220,7 @@ def test_corrupt_checkpoint_gives_a_clear_error_and_is_left_untouched(tmp_path):
     ("model=vgg", "unknown model 'vgg'"),
     ("dataset=mnist", "unknown dataset 'mnist'"),
     ("refresh_path=sometimes", "unknown refresh_path"),
+    ("ascent_path=host", "unknown ascent_path"),
     ("epochs=0", "epochs"),
     ("nonexistent=1", "unknown config field 'nonexistent'"),
     ("rho=abc", "rho"),
@@ -583,3 +584,42 @@ def test_mesa_run_resumes_bit_identically_with_its_ema_teacher(tmp_path):
     assert _tree_digest(getattr(resumed_state, name)) == _tree_digest(getattr(state, name)), name
   assert _tree_digest(state.mesa.ema["params"]) != _tree_digest(state.params)
   assert resumed["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_esam_data_selection_takes_the_second_gradient_on_the_examples_whose_loss_rose_most():
+  # One CLI train step of esam with beta = 1 (every tensor perturbed: SAM's ascent) and
+  # gamma = 0.5, against the chain applied by hand with an independent selection: per-example
+  # losses at w and at w + eps, the 16 of 32 examples with the largest rise (argsort), the
+  # gradient of their mean loss at w + eps. The SimpleCNN has no BatchNorm or dropout.
+  config = _config("esam", "train_examples=128", "batch_size=32", "esam_beta=1.0", "esam_gamma=0.5")
+  dataset = data_lib.load_dataset("digits", label_noise=0.4, train_examples=128)
+  spec = build_optimizer(config, 4)
+  assert spec.esam_fraction == 0.5
+  state = train_lib.create_state(config, dataset, spec)
+  batch = next(data_lib.train_batches(dataset, 32, 0, 0, augment=False))
+  images, labels = jax.numpy.asarray(batch["image"]), jax.numpy.asarray(batch["label"])
+
+  def losses(params, x, y):
+    logits = state.apply_fn({"params": params}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+  w = state.params
+  grads = jax.grad(lambda p: losses(p, images, labels).mean())(w)
+  norm = optax.tree.norm(grads)
+  w_adv = jax.tree.map(lambda p, g: p + config.rho * g / (norm + 1e-12), w, grads)
+  rise = np.asarray(losses(w_adv, images, labels) - losses(w, images, labels))
+  keep = np.argsort(-rise, kind="stable")[:16]
+  selected = jax.grad(lambda p: losses(p, images[keep], labels[keep]).mean())(w_adv)
+  # The transform hands on grad_fn's output; the base optimizer then steps with it.
+  updates, _ = spec.tx.update(selected, state.opt_state, w, grad_fn=lambda p: selected)
+  want = ravel_pytree(optax.apply_updates(w, updates))[0]
+  whole = jax.grad(lambda p: losses(p, images, labels).mean())(w_adv)
+  updates, _ = spec.tx.update(whole, state.opt_state, w, grad_fn=lambda p: whole)
+  whole_batch = ravel_pytree(optax.apply_updates(w, updates))[0]
+  # The step donates its state: run it after the reference.
+  new_state, _ = train_lib.make_train_step(config, spec)(
+    state, {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  )
+  got = ravel_pytree(new_state.params)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(whole_batch, got, atol=1e-5)  # not the whole batch's (can fail)

@@ -50,9 +50,12 @@ a random ``--train_examples`` (4,000) of Fashion-MNIST's 60,000 training images,
   SAM 2, SGD 1, ``sam_every``/``looksam`` 1 + 1/k, ``rst`` 1 + p (SAM is left out when it
   costs as much as the matched method or more).
 * **Cheaper SAM variants** (issue 21; ``--methods`` takes ``sam_every``, ``rst``, ``ae_sam``,
-  ``looksam``, and ``asam``): each tunes the shared ρ grid and a small grid of its own field
-  (:data:`SAM_EVERY_KS`, :data:`SAM_PROBS`, :data:`LOOKSAM_ALPHAS`; AE-SAM at its paper's
-  defaults), small because each value multiplies the method's tuning runs.
+  ``looksam``, ``esam``, ``mesa``, and ``asam``): each tunes the shared ρ grid and a small grid
+  of its own field (:data:`SAM_EVERY_KS`, :data:`SAM_PROBS`, :data:`LOOKSAM_ALPHAS`,
+  :data:`ESAM_BETAS` × :data:`ESAM_GAMMAS`; AE-SAM at its paper's defaults), small because each
+  value multiplies the method's tuning runs. MESA has no ρ: it tunes its EMA decay
+  (:data:`MESA_DECAYS`) at the paper's KL weight, its term switched on after
+  :data:`MESA_START_FRACTION` of the epochs.
 * **Compute, counted.** Every run's ``summary.json`` holds the gradient evaluations it made,
   counted from the optimizer state (``experiments.optimizers.gradient_evaluations``); the
   report tabulates them per step against the expectation, and ``<out>_compute.png`` plots
@@ -100,7 +103,7 @@ STUDY_OVERRIDES = ("augment=false", "batch_size=128", "checkpoint_every=10")
 METHODS = ("sgd", "sam", "eigen_sam", "xsam")
 # Every method the study can run (``--methods``): the default four, ASAM, and the cheaper SAM
 # variants of issue 21 (xsam_jax.sometimes_sam as sam_every/rst/ae_sam, xsam_jax.looksam).
-CHEAP_METHODS = ("sam_every", "rst", "ae_sam", "looksam")
+CHEAP_METHODS = ("sam_every", "rst", "ae_sam", "looksam", "esam", "mesa")
 ALL_METHODS = (*METHODS, "asam", *CHEAP_METHODS)
 # The variants' own validation grids (flags), on top of the shared ρ grid, kept small because
 # every value multiplies that method's tuning runs by len(--rhos) x len(--tune_seeds):
@@ -110,9 +113,19 @@ ALL_METHODS = (*METHODS, "asam", *CHEAP_METHODS)
 # * ae_sam: the paper's δ = 0.9, c_t from -1 to 1 (config defaults), no grid: its rule sets its
 #   own ascent fraction.
 # * looksam: α over {0.5, 0.7} (0.7 the paper's; 0.5 a weaker reuse), k = 5 (the config's).
+# * esam: the whole of ESAM at the official scripts' settings, no grid: beta = 0.5 (half the
+#   tensors perturbed, scaled by 2: the official code's 1/beta) and gamma = 0.5 (the second
+#   gradient on the half of the batch whose loss rose most, the train step's data selection).
+# * mesa: the EMA decay over {0.9, 0.99} (the paper's 0.9998 averages ~5,000 steps, longer than
+#   a whole study run), KL weight 0.8 and temperature 5 (the official code's), the KL term from
+#   a tenth of the epochs on (the paper's 6 of 200 epochs, rounded up for short runs).
 SAM_EVERY_KS = (5,)
 SAM_PROBS = (0.5,)
 LOOKSAM_ALPHAS = (0.5, 0.7)
+ESAM_BETAS = (0.5,)
+ESAM_GAMMAS = (0.5,)
+MESA_DECAYS = (0.9, 0.99)
+MESA_START_FRACTION = 0.1
 # The ρ grid of every method (a flag). 0.3 and 0.5 extend the first study's {0.05, 0.1, 0.2},
 # whose largest value validation chose for every method under label noise (issue 20, item 4).
 RHOS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -264,6 +277,15 @@ def grid(method: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
     "rst": ("sam_prob", getattr(args, "sam_probs", SAM_PROBS)),
     "looksam": ("looksam_alpha", getattr(args, "looksam_alphas", LOOKSAM_ALPHAS)),
   }
+  if method == "esam":
+    return [
+      (f"rho={r}", f"esam_beta={b}", f"esam_gamma={g}")
+      for r in args.rhos
+      for b in getattr(args, "esam_betas", ESAM_BETAS)
+      for g in getattr(args, "esam_gammas", ESAM_GAMMAS)
+    ]
+  if method == "mesa":  # no ascent, no ρ
+    return [(f"mesa_decay={d}",) for d in getattr(args, "mesa_decays", MESA_DECAYS)]
   if method in ("sam", "asam", "ae_sam"):
     return [(f"rho={r}",) for r in args.rhos]
   if method in ("eigen_sam", "xsam"):
@@ -275,9 +297,11 @@ def grid(method: str, args: argparse.Namespace) -> list[tuple[str, ...]]:
 
 
 def warmup(method: str, regime: str, args: argparse.Namespace, epochs: int | None = None) -> list:
+  epochs = epochs or regime_epochs(regime, args)
+  if method == "mesa":  # no ρ to warm up; the KL term starts a tenth of the way in
+    return [f"mesa_start_epoch={math.ceil(MESA_START_FRACTION * epochs)}"]
   if method == "sgd" or not args.rho_warmup:
     return []
-  epochs = epochs or regime_epochs(regime, args)
   return [f"rho_warmup_epochs={round(args.rho_warmup * epochs, 3)}"]
 
 
@@ -304,7 +328,9 @@ def grads_per_step(config: Any) -> float:
     return 1.0 + config.sam_prob
   if method == "ae_sam":
     return 1.5
-  return 2.0  # sam, asam
+  if method == "mesa":
+    return 1.0  # one gradient; the EMA teacher's extra forward pass is not a gradient
+  return 2.0  # sam, asam, esam (its half-perturbed ascent still costs a full gradient)
 
 
 def xsam_grads_per_step(config: Any) -> float:
@@ -500,9 +526,7 @@ FAMILIES = {
   # Issue 21: each cheaper variant against the SAM it approximates and the SGD it should beat.
   # Only the variants a study ran appear, so a study without them keeps its Holm p-values.
   "Cheaper SAM variants against SAM and SGD": tuple(
-    ("test", variant, "test", baseline)
-    for variant in ("sam_every", "rst", "ae_sam", "looksam")
-    for baseline in ("sam", "sgd")
+    ("test", variant, "test", baseline) for variant in CHEAP_METHODS for baseline in ("sam", "sgd")
   ),
 }
 EQUAL_COMPUTE = (("test", "xsam", "compute", "sam"), ("test", "xsam", "compute", "sgd"))
@@ -1016,6 +1040,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument(
     "--looksam_alphas", default=",".join(map(str, LOOKSAM_ALPHAS)), help="looksam's α grid"
   )
+  parser.add_argument("--esam_betas", default=",".join(map(str, ESAM_BETAS)), help="esam's β grid")
+  parser.add_argument(
+    "--esam_gammas", default=",".join(map(str, ESAM_GAMMAS)), help="esam's data-selection γ grid"
+  )
+  parser.add_argument(
+    "--mesa_decays", default=",".join(map(str, MESA_DECAYS)), help="mesa's EMA-decay grid"
+  )
   parser.add_argument("--seeds", default="0,1,2,3,4")
   parser.add_argument("--tune_seeds", default=None)
   parser.add_argument("--tune_regimes", default=None)
@@ -1080,7 +1111,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     setattr(args, name, common.parse_list(getattr(args, name)))
   for name in ("seeds", "tune_seeds"):
     setattr(args, name, common.parse_list(getattr(args, name), int))
-  for name in ("rhos", "alphas", "sam_probs", "looksam_alphas"):
+  for name in (
+    "rhos",
+    "alphas",
+    "sam_probs",
+    "looksam_alphas",
+    "esam_betas",
+    "esam_gammas",
+    "mesa_decays",
+  ):
     setattr(args, name, common.parse_list(getattr(args, name), float))
   args.sam_every_ks = common.parse_list(args.sam_every_ks, int)
   unknown = [m for m in [*args.methods, args.compute_match] if m not in ALL_METHODS]
@@ -1093,11 +1132,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--sam_every_ks": [k for k in args.sam_every_ks if k < 1],
     "--sam_probs": [p for p in args.sam_probs if not 0 <= p <= 1],
     "--looksam_alphas": [a for a in args.looksam_alphas if a < 0],
+    "--esam_betas": [b for b in args.esam_betas if not 0 < b <= 1],
+    "--esam_gammas": [g for g in args.esam_gammas if not 0 < g <= 1],
+    "--mesa_decays": [d for d in args.mesa_decays if not 0 <= d < 1],
   }
   for flag, values in bad.items():
     if values:
       parser.error(
-        f"{flag}: {values} out of range (k >= 1, p in [0, 1], alpha >= 0); e.g. the defaults"
+        f"{flag}: {values} out of range (k >= 1, p in [0, 1], alpha >= 0, beta in (0, 1], "
+        "decay in [0, 1)); e.g. the defaults"
       )
   # Tune the regimes asked for, and the one whose choice the untuned ones borrow (its tuning
   # runs are read if they exist): `--regimes noise60` alone still uses noise40's choice.

@@ -93,6 +93,9 @@ class TrainConfig:
   eta: float = 0.01  # ASAM: official class default (example_cifar.py passes 0.0)
   # ESAM: probability that a tensor joins the ascent (official scripts: 0.5-0.6); rho / beta.
   esam_beta: float = 0.5
+  # ESAM's data selection (optimizer esam): the share gamma of the batch whose loss rose most
+  # from w to w + eps takes the second gradient (official scripts: 0.5); 1.0: the whole batch.
+  esam_gamma: float = 1.0
   refresh_every: int = 5  # p
   # True: refresh once per epoch (refresh_every := steps per epoch, refresh_every unused), the
   # official Eigen-SAM code's actual cadence (algorithms.md 4.4); see paper_recipe.
@@ -208,6 +211,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
   ("alpha", lambda x: 0 <= x <= 2, "in [0, 2]"),
   ("eta", lambda x: x >= 0, ">= 0"),
   ("esam_beta", lambda x: 0 < x <= 1, "in (0, 1] (ESAM's tensor-draw probability)"),
+  ("esam_gamma", lambda x: 0 < x <= 1, "in (0, 1] (ESAM's selected share of the batch)"),
   ("refresh_every", lambda x: x >= 1, ">= 1"),
   ("power_iters", lambda x: x >= 1, ">= 1"),
   ("sam_every_k", lambda x: x >= 1, ">= 1 (1: SAM on every step)"),
