@@ -16,6 +16,20 @@ from launch_processes import xla_flags
 KEYS = ("b1", "b2", "w1", "w2")
 
 
+def counting_grad_fn(x, y, counter: list[int]):
+  """``grad_fn`` of :func:`loss` on batch (x, y) that adds one to ``counter[0]`` each time it
+  runs (a ``jax.debug.callback``: at run time, so an untaken ``lax.cond`` branch adds nothing)."""
+
+  def bump():
+    counter[0] += 1
+
+  def grad_fn(p):
+    jax.debug.callback(bump)
+    return jax.grad(loss)(p, x, y)
+
+  return grad_fn
+
+
 def init(seed: int = 0, dtype=jnp.float32) -> dict:
   rng = np.random.default_rng(seed)
   shapes = {"w1": (3, 4), "b1": (4,), "w2": (4, 2), "b2": (2,)}

@@ -39,17 +39,6 @@ CASES = {
 }
 
 
-def _counting_grad_fn(x, y, counter):
-  def bump():
-    counter[0] += 1
-
-  def grad_fn(p):
-    jax.debug.callback(bump)
-    return jax.grad(mlp.loss)(p, x, y)
-
-  return grad_fn
-
-
 def _train(tx, params, ascend_of=None, counter=None):
   """``STEPS`` jitted SGD steps on different batches, ``ascend`` static (None: lax.cond path).
 
@@ -61,7 +50,7 @@ def _train(tx, params, ascend_of=None, counter=None):
 
   def step(params, state, x, y, ascend):
     grads = jax.grad(mlp.loss)(params, x, y)
-    grad_fn = _counting_grad_fn(x, y, counter)
+    grad_fn = mlp.counting_grad_fn(x, y, counter)
     updates, state = opt.update(grads, state, params, grad_fn=grad_fn, ascend=ascend)
     return optax.apply_updates(params, updates), state
 

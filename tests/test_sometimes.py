@@ -14,19 +14,6 @@ import xsam_jax
 LR, RHO, STEPS = 0.1, 0.2, 6
 
 
-def _counting_grad_fn(x, y, counter):
-  """``grad_fn`` for batch (x, y) that adds one to ``counter[0]`` each time it runs."""
-
-  def bump():
-    counter[0] += 1
-
-  def grad_fn(p):
-    jax.debug.callback(bump)
-    return jax.grad(mlp.loss)(p, x, y)
-
-  return grad_fn
-
-
 def _run(tx, params, steps=STEPS, counter=None):
   """Runs ``steps`` jitted SGD steps on different batches; returns per-step params and states."""
   counter = [0] if counter is None else counter
@@ -35,7 +22,7 @@ def _run(tx, params, steps=STEPS, counter=None):
   @jax.jit
   def step(params, state, x, y):
     grads = jax.grad(mlp.loss)(params, x, y)
-    updates, state = opt.update(grads, state, params, grad_fn=_counting_grad_fn(x, y, counter))
+    updates, state = opt.update(grads, state, params, grad_fn=mlp.counting_grad_fn(x, y, counter))
     return optax.apply_updates(params, updates), state
 
   state = opt.init(params)

@@ -39,6 +39,7 @@ from xsam_jax._perturbation import (
   tree_norm,
   tree_vdot,
 )
+from xsam_jax._sam import ascent_fields
 
 PyTree = Any
 
@@ -274,14 +275,10 @@ def eigen_sam(
     # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
     dtype = scalar_dtype(params)
     state = EigenSAMState(
-      count=jnp.zeros((), jnp.int32),
+      **ascent_fields(dtype),
       eigvec=init_eigvec(params, key, "xsam_jax.eigen_sam"),
       eigval=jnp.zeros((), dtype),
       cos=jnp.zeros((), dtype),
-      grad_norm=jnp.zeros((), dtype),
-      perturbation_norm=jnp.zeros((), dtype),
-      adv_grad_norm=jnp.zeros((), dtype),
-      ascent_curvature=jnp.zeros((), dtype),
       skipped_refreshes=jnp.zeros((), jnp.int32),
       base_grad_mismatch=jnp.zeros((), dtype),
       settings=settings,

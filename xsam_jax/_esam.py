@@ -30,7 +30,7 @@ from xsam_jax._perturbation import (
   tree_cast_like,
   tree_norm,
 )
-from xsam_jax._sam import sam_ascent
+from xsam_jax._sam import ascent_fields, sam_ascent
 
 PyTree = Any
 
@@ -211,14 +211,9 @@ def esam(
   beta = float(beta)
 
   def init_fn(params: PyTree) -> ESAMState:
-    # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
     dtype = scalar_dtype(params)
     state = ESAMState(
-      count=jnp.zeros((), jnp.int32),
-      grad_norm=jnp.zeros((), dtype),
-      perturbation_norm=jnp.zeros((), dtype),
-      adv_grad_norm=jnp.zeros((), dtype),
-      ascent_curvature=jnp.zeros((), dtype),
+      **ascent_fields(dtype),
       perturbed_fraction=jnp.zeros((), dtype),
     )
     return place_state(state, params)

@@ -29,7 +29,7 @@ from xsam_jax._perturbation import (
   tree_to_f32,
 )
 from xsam_jax._policy import run_branch, static_ascent
-from xsam_jax._sam import cast_ascent, sam_ascent, skipped_ascent
+from xsam_jax._sam import ascent_fields, cast_ascent, sam_ascent, skipped_ascent
 
 PyTree = Any
 
@@ -180,11 +180,7 @@ def looksam(
     dtype = scalar_dtype(params)
     gv = jax.tree.map(jnp.zeros_like, tree_to_f32(params))
     state = LookSAMState(
-      count=jnp.zeros((), jnp.int32),
-      grad_norm=jnp.zeros((), dtype),
-      perturbation_norm=jnp.zeros((), dtype),
-      adv_grad_norm=jnp.zeros((), dtype),
-      ascent_curvature=jnp.zeros((), dtype),
+      **ascent_fields(dtype),
       gv=gv,
       gv_norm=jnp.zeros((), dtype),
       ascended=jnp.zeros((), bool),

@@ -162,6 +162,21 @@ def cast_ascent(ascent: Ascent, params: PyTree, dtype: jnp.dtype) -> Ascent:
 
 
 @record_arguments
+def ascent_fields(dtype: jnp.dtype) -> dict[str, jax.Array]:
+  """Fresh zeros for the fields every sharpness state has: ``count`` (int32) and
+  ``grad_norm``, ``perturbation_norm``, ``adv_grad_norm``, ``ascent_curvature`` (``dtype``).
+
+  One buffer per field: a state donated to a jitted step must not hold one buffer twice.
+  """
+  return {
+    "count": jnp.zeros((), jnp.int32),
+    **{
+      name: jnp.zeros((), dtype)
+      for name in ("grad_norm", "perturbation_norm", "adv_grad_norm", "ascent_curvature")
+    },
+  }
+
+
 def sam(
   rho: ScalarOrSchedule = 0.05,
   *,
@@ -258,16 +273,7 @@ def sam(
   method = "xsam_jax.asam" if adaptive else "xsam_jax.sam"
 
   def init_fn(params: PyTree) -> SAMState:
-    # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
-    dtype = scalar_dtype(params)
-    state = SAMState(
-      count=jnp.zeros((), jnp.int32),
-      grad_norm=jnp.zeros((), dtype),
-      perturbation_norm=jnp.zeros((), dtype),
-      adv_grad_norm=jnp.zeros((), dtype),
-      ascent_curvature=jnp.zeros((), dtype),
-    )
-    return place_state(state, params)
+    return place_state(SAMState(**ascent_fields(scalar_dtype(params))), params)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args

@@ -27,7 +27,7 @@ from xsam_jax._perturbation import (
   tree_norm,
 )
 from xsam_jax._policy import decide, policy_args, run_branch, static_ascent
-from xsam_jax._sam import cast_ascent, sam_ascent, skipped_ascent
+from xsam_jax._sam import ascent_fields, cast_ascent, sam_ascent, skipped_ascent
 
 PyTree = Any
 
@@ -213,14 +213,9 @@ def sometimes_sam(
   check_accumulation_steps(accumulation_steps)
 
   def init_fn(params: PyTree) -> SometimesSAMState:
-    # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
     dtype = scalar_dtype(params)
     state = SometimesSAMState(
-      count=jnp.zeros((), jnp.int32),
-      grad_norm=jnp.zeros((), dtype),
-      perturbation_norm=jnp.zeros((), dtype),
-      adv_grad_norm=jnp.zeros((), dtype),
-      ascent_curvature=jnp.zeros((), dtype),
+      **ascent_fields(dtype),
       ascended=jnp.zeros((), bool),
       ascent_steps=jnp.zeros((), jnp.int32),
       ascent_fraction=jnp.zeros((), dtype),

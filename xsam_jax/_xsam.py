@@ -40,7 +40,7 @@ from xsam_jax._perturbation import (
 )
 from xsam_jax._perturbation import normalize as normalize_tree
 from xsam_jax._policy import decide, policy_args, run_branch, static_ascent
-from xsam_jax._sam import Ascent, cast_ascent, sam_perturbation, skipped_ascent
+from xsam_jax._sam import Ascent, ascent_fields, cast_ascent, sam_perturbation, skipped_ascent
 
 PyTree = Any
 Correction = Literal["projection", "official"]
@@ -421,14 +421,10 @@ def xsam(
     # One buffer per field: a state donated to a jitted step must not hold one buffer twice.
     dtype = scalar_dtype(params)
     state = XSAMState(
-      count=jnp.zeros((), jnp.int32),
+      **ascent_fields(dtype),
       eigvec=init_eigvec(params, key, "xsam_jax.xsam"),
       eigval=jnp.zeros((), dtype),
       cos=jnp.zeros((), dtype),
-      grad_norm=jnp.zeros((), dtype),
-      perturbation_norm=jnp.zeros((), dtype),
-      adv_grad_norm=jnp.zeros((), dtype),
-      ascent_curvature=jnp.zeros((), dtype),
       skipped_refreshes=jnp.zeros((), jnp.int32),
       base_grad_mismatch=jnp.zeros((), dtype),
       ascended=jnp.zeros((), bool),
