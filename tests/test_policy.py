@@ -189,10 +189,23 @@ def test_a_traced_or_array_ascend_is_refused_naming_the_static_path(make):
       tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn, ascend=bad)
 
 
-def test_ascend_without_a_policy_is_refused():
-  tx = xsam_jax.xsam(RHO)
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: xsam_jax.sam(RHO),
+    lambda: xsam_jax.sam(RHO, adaptive=True),
+    lambda: xsam_jax.esam(RHO, beta=0.5),
+    lambda: xsam_jax.eigen_sam(RHO),
+    lambda: xsam_jax.xsam(RHO),
+  ],
+)
+def test_ascend_given_to_a_transform_without_a_policy_is_refused_not_ignored(make):
+  # These ascend on every step: a silently ignored ascend=False would still ascend.
+  tx = make()
   params = mlp.init()
   x, y = mlp.batches(1)[0]
   grad_fn = lambda q: jax.grad(mlp.loss)(q, x, y)
-  with pytest.raises(ValueError, match="`ascend` is read only with a `when` policy"):
-    tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn, ascend=True)
+  for ascend in (False, True):
+    with pytest.raises(ValueError, match="`ascend` is read only by a transform with an ascent"):
+      tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn, ascend=ascend)
+  tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn, ascend=None)  # the default

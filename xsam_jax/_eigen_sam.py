@@ -39,6 +39,7 @@ from xsam_jax._perturbation import (
   tree_norm,
   tree_vdot,
 )
+from xsam_jax._policy import static_ascent
 from xsam_jax._sam import ascent_fields
 
 PyTree = Any
@@ -233,8 +234,9 @@ def eigen_sam(
       ``check_base_grad=True`` without ``hvp_method="forward_difference"`` (or with
       ``solver="random"``), an unknown ``solver`` or ``hvp_method``, a ``key`` that is neither
       a PRNG key nor an int, a deprecated name given with its new one, when ``params`` or
-      ``grad_fn`` is missing or ``grad_fn`` cannot be called as ``grad_fn(params)``, and for
-      data-parallel misuse (see :func:`~xsam_jax.sam`).
+      ``grad_fn`` is missing or ``grad_fn`` cannot be called as ``grad_fn(params)``, an
+      ``ascend=`` (Eigen-SAM ascends on every step), and for data-parallel misuse (see
+      :func:`~xsam_jax.sam`).
 
   References:
     Luo, Truong, Pham, Harandi, Phung & Le, "Explicit Eigenvalue Regularization Improves
@@ -288,6 +290,7 @@ def eigen_sam(
   def update_fn(
     updates, state, params=None, *, grad_fn=None, eig_grad_fn=None, refresh=None, **extra_args
   ):
+    static_ascent(extra_args.get("ascend"), "xsam_jax.eigen_sam", None)  # no policy here
     del extra_args
     check_update_args("xsam_jax.eigen_sam", params, grad_fn)
     if eig_grad_fn is not None:

@@ -30,6 +30,7 @@ from xsam_jax._perturbation import (
   tree_cast_like,
   tree_norm,
 )
+from xsam_jax._policy import static_ascent
 from xsam_jax._sam import ascent_fields, sam_ascent
 
 PyTree = Any
@@ -177,8 +178,8 @@ def esam(
   Raises:
     ValueError: for ``beta`` outside (0, 1] or not a number, ``rho < 0``, ``eta < 0``, a
       ``key`` that is neither a PRNG key nor an int, ``accumulation_steps`` as in
-      :func:`~xsam_jax.sam`, a missing ``params`` or ``grad_fn``, and the data-parallel misuse
-      :func:`~xsam_jax.sam` refuses.
+      :func:`~xsam_jax.sam`, a missing ``params`` or ``grad_fn``, an ``ascend=`` (ESAM
+      ascends on every step), and the data-parallel misuse :func:`~xsam_jax.sam` refuses.
 
   References:
     Du, Yan, Feng, Zhou, Zhen, Goh & Tan, "Efficient Sharpness-aware Minimization for Improved
@@ -219,6 +220,7 @@ def esam(
     return place_state(state, params)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    static_ascent(extra_args.get("ascend"), method, None)  # refused: no policy here
     del extra_args
     check_update_args(method, params, grad_fn)
     check_clean_gradient(updates, method, axis_name)

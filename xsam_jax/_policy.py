@@ -121,20 +121,22 @@ def static_ascent(ascend: Any, where: str, when: Any) -> bool | None:
   Raises:
     ValueError: ``ascend`` neither None nor a Python bool (a traced or array value: leave it
       None for a traced decision); a bool when ``when`` is None (the transform has no policy:
-      every step ascends).
+      every step ascends, and a silently ignored ``ascend=False`` would still ascend).
   """
   if ascend is None:
     return None
+  if when is None:
+    raise ValueError(
+      f"{where}: `ascend` is read only by a transform with an ascent policy "
+      "(sometimes_sam, looksam, xsam(when=...)); this one ascends on every step, so "
+      f"ascend={ascend!r} would be ignored. Drop `ascend`"
+      + (", or build it with when='every'/'random'/'adaptive'." if "xsam" in where else ".")
+    )
   if not isinstance(ascend, bool):
     raise ValueError(
       f"{where}: `ascend` must be None (the policy decides inside the step, under lax.cond) or a "
       f"Python bool decided on the host (e.g. xsam_jax.ascent_due(count, ...)), got {ascend!r}. "
       "For a traced decision leave it as None."
-    )
-  if when is None:
-    raise ValueError(
-      f"{where}: `ascend` is read only with a `when` policy, but `when` is None (every step "
-      "ascends). Drop `ascend`, or build the transform with when='every'/'random'/'adaptive'."
     )
   return ascend
 

@@ -26,6 +26,7 @@ from xsam_jax._perturbation import (
   tree_norm,
   tree_to_f32,
 )
+from xsam_jax._policy import static_ascent
 
 PyTree = Any
 
@@ -246,7 +247,8 @@ def sam(
       :func:`~xsam_jax.accumulate`), when ``params`` or
       ``grad_fn`` is missing, and for data-parallel misuse: ``axis_name`` not a mapped axis,
       a clean gradient already reduced over it, a ``grad_fn`` that reduces, or a gradient that
-      varies over a mapped axis while ``axis_name`` is None.
+      varies over a mapped axis while ``axis_name`` is None; an ``ascend=`` (SAM ascends on
+      every step: see :func:`~xsam_jax.sometimes_sam` for a policy).
 
   References:
     Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
@@ -276,6 +278,7 @@ def sam(
     return place_state(SAMState(**ascent_fields(scalar_dtype(params))), params)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    static_ascent(extra_args.get("ascend"), method, None)  # refused: no policy here
     del extra_args
     check_update_args(method, params, grad_fn)
     check_clean_gradient(updates, method, axis_name)
