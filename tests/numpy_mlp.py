@@ -106,12 +106,12 @@ def loss(p, x, y):
 pcast = lambda p: jax.lax.pcast(p, "data", to="varying")
 same = lambda p: p
 
-def run(tx, count, mode):
+def run(tx, count, mode, **extra):
   def step(x, y, local):
     state = tx.init(params)
     state = state._replace(count=jnp.asarray(count, jnp.int32))
     g = jax.grad(loss)(local(params), x, y)
-    return tx.update(g, state, params, grad_fn=lambda p: jax.grad(loss)(p, x, y))
+    return tx.update(g, state, params, grad_fn=lambda p: jax.grad(loss)(p, x, y), **extra)
   if mode == "vma":
     return jax.jit(jax.shard_map(lambda x, y: step(x, y, pcast), mesh=mesh,
         in_specs=(P("data"), P("data")), out_specs=P(), check_vma=True))(x, y)

@@ -209,3 +209,29 @@ def test_ascend_given_to_a_transform_without_a_policy_is_refused_not_ignored(mak
     with pytest.raises(ValueError, match="`ascend` is read only by a transform with an ascent"):
       tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn, ascend=ascend)
   tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn, ascend=None)  # the default
+
+
+def test_the_static_path_under_every_device_mapping_matches_the_cond_path():
+  # shard_map (check_vma=True) and pmap: ascend=True gives the cond path's ascent step (SAM's
+  # m-sharpness gradient for sometimes_sam), ascend=False its skipped step (the mean clean
+  # gradient), identical on every device (run() asserts it).
+  body = """
+MAKE = (
+  lambda: xsam_jax.sometimes_sam(0.1, when="every", k=2, axis_name="data"),
+  lambda: xsam_jax.looksam(0.1, k=2, alpha=0.5, axis_name="data"),
+  lambda: xsam_jax.xsam(0.1, when="every", k=2, axis_name="data", refresh_every=2, num_iters=2),
+)
+for mode in ("vma", "pmap"):
+  for i, make in enumerate(MAKE):
+    for count, ascend in ((0, True), (1, False)):
+      traced, st_t = run(make(), count, mode)
+      static, st_s = run(make(), count, mode, ascend=ascend)
+      np.testing.assert_allclose(flat(static), flat(traced), rtol=1e-5, atol=1e-7)
+      assert bool(st_s.ascended) == bool(st_t.ascended) == ascend
+      if i == 0:
+        want = flat(sam_out) if ascend else clean
+        np.testing.assert_allclose(flat(static), want, rtol=1e-5, atol=1e-7)
+  print("OK", mode)
+"""
+  out = mlp.run_on_four_devices(body)
+  assert out.count("OK") == 2, out
