@@ -162,7 +162,6 @@ def cast_ascent(ascent: Ascent, params: PyTree, dtype: jnp.dtype) -> Ascent:
   return Ascent(tree_cast_like(ascent.grads, params), *scalars)
 
 
-@record_arguments
 def ascent_fields(dtype: jnp.dtype) -> dict[str, jax.Array]:
   """Fresh zeros for the fields every sharpness state has: ``count`` (int32) and
   ``grad_norm``, ``perturbation_norm``, ``adv_grad_norm``, ``ascent_curvature`` (``dtype``).
@@ -178,6 +177,7 @@ def ascent_fields(dtype: jnp.dtype) -> dict[str, jax.Array]:
   }
 
 
+@record_arguments
 def sam(
   rho: ScalarOrSchedule = 0.05,
   *,
