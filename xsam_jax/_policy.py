@@ -197,9 +197,7 @@ def ascent_due(
   args = policy_args(where, when, {"k": k, "prob": prob, "decay": None, "threshold": None}, key)
   check_positive_int("accumulation_steps", accumulation_steps)
   step = int(count) // accumulation_steps
-  if when == "every":
-    check_positive_int("k", args["k"])
-    return step % args["k"] == 0
+  # The in-step rule itself, evaluated eagerly: one copy of both policies.
   due, _, _ = decide(
     when,
     args,
